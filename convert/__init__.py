@@ -1,0 +1,49 @@
+"""Checkpoint conversion: transformers (safetensors or .bin) and orbax in, both formats out.
+
+Installed as `ettin_jax.convert` (see `[tool.setuptools.package-dir]` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from ettin_jax.config import ModernBertDecoderConfig
+from ettin_jax.convert.checkpoint import (
+    CheckpointError,
+    build_model,
+    checkpoint_format,
+    read_checkpoint,
+    save_pretrained,
+)
+from ettin_jax.convert.hub import resolve
+from ettin_jax.convert.safetensors_io import CheckpointFormatError
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointFormatError",
+    "checkpoint_format",
+    "load_pretrained",
+    "save_pretrained",
+]
+
+
+def load_pretrained(
+    cls: type,
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    revision: str | None = None,
+    legacy_rope: bool = False,
+    progress: bool = False,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Any:
+    """`cls` (one of the three model classes) with the weights at `path_or_repo_id`."""
+    directory = resolve(path_or_repo_id, revision)
+    config = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope, **config_overrides)
+    checkpoint = read_checkpoint(directory)
+    return build_model(cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress)

@@ -1,0 +1,27 @@
+"""ettin-jax: the ModernBERT Decoder (Ettin decoders) in JAX and Flax NNX."""
+
+from ettin_jax.config import ETTIN_SIZES, ConfigError, ModernBertDecoderConfig
+from ettin_jax.modeling import (
+    BaseModelOutput,
+    CausalLMOutput,
+    InputError,
+    ModernBertDecoderForCausalLM,
+    ModernBertDecoderForSequenceClassification,
+    ModernBertDecoderModel,
+    SequenceClassifierOutput,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ETTIN_SIZES",
+    "BaseModelOutput",
+    "CausalLMOutput",
+    "ConfigError",
+    "InputError",
+    "ModernBertDecoderConfig",
+    "ModernBertDecoderForCausalLM",
+    "ModernBertDecoderForSequenceClassification",
+    "ModernBertDecoderModel",
+    "SequenceClassifierOutput",
+]

@@ -1,0 +1,346 @@
+"""`ModernBertDecoderConfig`: every field of the transformers config, frozen and hashable.
+
+The config is hashable so that it can be a static argument of jitted functions. Fields that
+transformers stores as dicts are kept here as tuples (`label_names` for `id2label`, two floats for
+`rope_parameters`) and shown as dicts through properties and `to_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+MODEL_TYPE = "modernbert-decoder"
+LAYER_TYPES = ("full_attention", "sliding_attention")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+DEFAULT_GLOBAL_ROPE_THETA = 160_000.0
+DEFAULT_LOCAL_ROPE_THETA = 10_000.0
+
+
+class ConfigError(ValueError):
+    """A config that this port cannot run, with the field that is wrong in the message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModernBertDecoderConfig:
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    hidden_activation: str = "gelu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    pad_token_id: int | None = 50283
+    eos_token_id: int | tuple[int, ...] | None = 50282
+    bos_token_id: int | None = 50281
+    cls_token_id: int | None = 50281
+    sep_token_id: int | None = 50282
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    mlp_bias: bool = False
+    mlp_dropout: float = 0.0
+    decoder_bias: bool = True
+    classifier_dropout: float = 0.0
+    classifier_bias: bool = False
+    classifier_activation: str = "gelu"
+    use_cache: bool = True
+    local_attention: int = 128
+    # None means the default pattern: full attention on every third layer, starting at 0.
+    layer_types: tuple[str, ...] | None = None
+    tie_word_embeddings: bool = True
+    global_rope_theta: float = DEFAULT_GLOBAL_ROPE_THETA
+    local_rope_theta: float = DEFAULT_LOCAL_ROPE_THETA
+    # Sequence classification: the label names by id (transformers' id2label), and the loss.
+    label_names: tuple[str, ...] = ("LABEL_0", "LABEL_1")
+    problem_type: str | None = None
+    # Transformers lets a query see itself and the `sliding_window - 1` keys before it (64 for
+    # Ettin). The flash-attn training code saw one more; True reproduces training instead.
+    training_window: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            pattern = tuple(
+                "full_attention" if i % 3 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+            )
+            object.__setattr__(self, "layer_types", pattern)
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "local_attention",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.local_attention < 2:
+            raise ConfigError(
+                f"local_attention must be at least 2 (the window is local_attention // 2), got {self.local_attention}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError(f"head_dim ({self.hidden_size // self.num_attention_heads}) must be even for RoPE")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                raise ConfigError(f"layer_types[{i}] is {kind!r}; expected one of {', '.join(LAYER_TYPES)}")
+        for name in ("hidden_activation", "classifier_activation"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not supported; expected one of {', '.join(ACTIVATIONS)}"
+                )
+        for name in ("attention_dropout", "embedding_dropout", "mlp_dropout", "classifier_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("global_rope_theta", "local_rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+        if not self.label_names:
+            raise ConfigError("num_labels must be at least 1")
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def sliding_window(self) -> int:
+        """How many keys a sliding-layer query sees, itself included."""
+        return self.local_attention // 2 + (1 if self.training_window else 0)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.label_names)}
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @property
+    def rope_parameters(self) -> dict[str, dict[str, Any]]:
+        return {
+            "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
+        }
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+    def rope_theta(self, layer: int) -> float:
+        return self.local_rope_theta if self.is_sliding(layer) else self.global_rope_theta
+
+    def replace(self, **changes: Any) -> ModernBertDecoderConfig:
+        """A copy with `changes`; also takes transformers' `num_labels`, `id2label`, `label2id`."""
+        label_keys = {"num_labels", "id2label", "label2id"} & set(changes)
+        if label_keys:
+            label_changes = {k: changes.pop(k) for k in label_keys}
+            changes["label_names"] = _read_labels(label_changes)
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - fields
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, legacy_rope: bool = False) -> ModernBertDecoderConfig:
+        """Reads every config.json spelling found on the Hub.
+
+        `legacy_rope=True` uses the global theta on every layer, as transformers 4.54 to 4.57 did.
+        """
+        data = dict(data)
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError(
+                f"model_type is {model_type!r}; ettin-jax runs {MODEL_TYPE!r} checkpoints "
+                "(ModernBertDecoderForCausalLM and its classifier)"
+            )
+        kwargs: dict[str, Any] = {}
+        every_n = data.pop("global_attn_every_n_layers", 3)
+        if data.get("layer_types") is None:
+            data.pop("layer_types", None)
+            n = data.get("num_hidden_layers", cls.num_hidden_layers)
+            if not isinstance(every_n, int) or every_n <= 0:
+                raise ConfigError(f"global_attn_every_n_layers must be a positive integer, got {every_n!r}")
+            kwargs["layer_types"] = tuple(
+                "full_attention" if i % every_n == 0 else "sliding_attention" for i in range(n)
+            )
+        kwargs["global_rope_theta"], kwargs["local_rope_theta"] = _read_rope(data)
+        if legacy_rope:
+            kwargs["local_rope_theta"] = kwargs["global_rope_theta"]
+        kwargs["label_names"] = _read_labels(data)
+        if data.get("local_attention") is None and "local_attention" in data:
+            raise ConfigError("local_attention is null; ettin-jax needs a sliding window size")
+        # Keys the dataclass does not know (transformers bookkeeping, generation settings) change
+        # nothing this port computes, so they are dropped.
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs.update({k: v for k, v in data.items() if k in fields and k not in kwargs})
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> ModernBertDecoderConfig:
+        """Reads `config.json` from a local directory or file."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {file}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        legacy_rope = overrides.pop("legacy_rope", False)
+        return cls.from_dict({**data, **overrides}, legacy_rope=legacy_rope)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json that transformers' ModernBertDecoderConfig reads back unchanged."""
+        out: dict[str, Any] = {"model_type": MODEL_TYPE}
+        for f in dataclasses.fields(self):
+            if f.name in ("global_rope_theta", "local_rope_theta", "label_names", "training_window"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["rope_parameters"] = self.rope_parameters
+        out["sliding_window"] = self.local_attention // 2
+        out["id2label"] = {str(i): label for i, label in enumerate(self.label_names)}
+        out["label2id"] = self.label2id
+        if self.training_window:
+            out["training_window"] = True
+        return out
+
+    def save(self, directory: str | os.PathLike, architecture: str | None = None) -> None:
+        data = self.to_dict()
+        if architecture:
+            data["architectures"] = [architecture]
+        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # ---- presets --------------------------------------------------------------------------
+    @classmethod
+    def ettin(cls, size: str, **overrides: Any) -> ModernBertDecoderConfig:
+        """The shape of an Ettin decoder: "17m", "32m", "68m", "150m", "400m" or "1b"."""
+        if size not in ETTIN_SIZES:
+            raise ConfigError(f"unknown Ettin size {size!r}; expected one of {', '.join(ETTIN_SIZES)}")
+        layers, hidden, intermediate, heads = ETTIN_SIZES[size]
+        return cls(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_attention_heads=heads,
+            **overrides,
+        )
+
+
+# size: (layers, hidden, intermediate, heads); the paper's table, arXiv 2507.11412.
+ETTIN_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "17m": (7, 256, 384, 4),
+    "32m": (10, 384, 576, 6),
+    "68m": (19, 512, 768, 8),
+    "150m": (22, 768, 1152, 12),
+    "400m": (28, 1024, 2624, 16),
+    "1b": (28, 1792, 3840, 28),
+}
+
+
+def _read_rope(data: dict[str, Any]) -> tuple[float, float]:
+    """(global theta, local theta) from any of the spellings, in transformers' precedence."""
+    scaling = data.pop("rope_scaling", None)
+    if scaling:
+        _check_rope_type(scaling, "rope_scaling")
+    params = data.pop("rope_parameters", None)
+    legacy_global = data.pop("global_rope_theta", None)
+    legacy_local = data.pop("local_rope_theta", None)
+    plain = data.pop("rope_theta", None)
+    global_theta = legacy_global if legacy_global is not None else plain
+    local_theta = legacy_local
+    if params:
+        if "full_attention" in params or "sliding_attention" in params:
+            per_type = params
+        else:  # one dict for every layer type
+            per_type = {"full_attention": params, "sliding_attention": params}
+        for kind, p in per_type.items():
+            if kind not in LAYER_TYPES:
+                raise ConfigError(f"rope_parameters has an unknown layer type {kind!r}")
+            if p is None:
+                continue
+            _check_rope_type(p, f"rope_parameters[{kind!r}]")
+            if p.get("rope_theta") is not None:
+                if kind == "full_attention":
+                    global_theta = p["rope_theta"]
+                else:
+                    local_theta = p["rope_theta"]
+    return (
+        float(global_theta if global_theta is not None else DEFAULT_GLOBAL_ROPE_THETA),
+        float(local_theta if local_theta is not None else DEFAULT_LOCAL_ROPE_THETA),
+    )
+
+
+def _check_rope_type(params: Mapping[str, Any], where: str) -> None:
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(
+            f"{where} asks for rope_type {rope_type!r}; ettin-jax supports only 'default' RoPE "
+            "(the only kind Ettin checkpoints use)"
+        )
+    unknown = set(params) - {"rope_type", "type", "rope_theta"}
+    if unknown:
+        raise ConfigError(f"{where} has RoPE scaling options {sorted(unknown)} that ettin-jax does not support")
+
+
+def _read_labels(data: dict[str, Any]) -> tuple[str, ...]:
+    id2label = data.pop("id2label", None)
+    num_labels = data.pop("num_labels", None)
+    data.pop("label2id", None)
+    if id2label:
+        ids = sorted(int(i) for i in id2label)
+        if ids != list(range(len(ids))):
+            raise ConfigError(f"id2label ids must be 0..{len(ids) - 1}, got {ids}")
+        by_int = {int(k): v for k, v in id2label.items()}
+        labels = tuple(str(by_int[i]) for i in ids)
+        if num_labels is not None and num_labels != len(labels):
+            labels = tuple(f"LABEL_{i}" for i in range(num_labels))
+        return labels
+    n = 2 if num_labels is None else num_labels
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"num_labels must be a positive integer, got {n!r}")
+    return tuple(f"LABEL_{i}" for i in range(n))

@@ -1,0 +1,541 @@
+"""ModernBERT Decoder (the Ettin decoders) in Flax NNX.
+
+One file, read top to bottom: outputs, building blocks (init, RoPE, masks, attention), the
+decoder layer, the base model, then the two heads. Module and parameter names follow the
+transformers checkpoint (`attn_norm`, `q_proj`, `Wi`, `Wo`, `final_norm`, `lm_head`, `decoder`,
+`head`, `classifier`), so the key map in `ettin_jax.convert.keys` is nearly the identity:
+PyTorch `weight` becomes `kernel` (transposed), `scale` (LayerNorm) or `embedding`.
+
+Shape letters: B batch, T query length, S key length, D hidden, N heads, H head_dim,
+F intermediate, V vocab, L labels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ettin_jax.config import ModernBertDecoderConfig
+
+Array = jax.Array
+DType = Any
+
+# Added to masked attention logits. Finite, so a row with every key masked (a pad query under
+# left padding) gives a uniform distribution instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# ---- outputs ------------------------------------------------------------------------------
+@flax.struct.dataclass
+class BaseModelOutput:
+    last_hidden_state: Array  # (B, T, D), after final_norm
+    # Embedding output, then the output of each layer; the last entry is after final_norm,
+    # as in transformers.
+    hidden_states: tuple[Array, ...] | None = None
+
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    logits: Array  # (B, T, V)
+    loss: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+
+
+@flax.struct.dataclass
+class SequenceClassifierOutput:
+    logits: Array  # (B, L), pooled at the rightmost token that is not padding
+    loss: Array | None = None
+    hidden_states: tuple[Array, ...] | None = None
+
+
+class InputError(ValueError):
+    """Inputs the model cannot run, named in the message."""
+
+
+# ---- building blocks ----------------------------------------------------------------------
+def trunc_normal(std: float, cutoff: float) -> Callable[..., Array]:
+    """torch.nn.init.trunc_normal_(std=std, a=-cutoff*std, b=cutoff*std), as transformers inits."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: DType = jnp.float32) -> Array:
+        return (std * jax.random.truncated_normal(key, -cutoff, cutoff, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    # transformers' "gelu" is the exact erf form; JAX's default is the tanh approximation.
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos and sin, (B, T, H) float32, for integer `positions` (B, T); rotate-half layout."""
+    # inv_freq in float32 exactly as transformers builds it, so large positions agree to the bit.
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # (B, T, H/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x (B, T, N, H) rotated in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def make_attention_mask(q_positions: Array, kv_positions: Array, kv_valid: Array, window: int | None) -> Array:
+    """(B, 1, T, S) bool: query i sees key j iff j is valid, j <= i and, on sliding layers,
+    i - j < window. Built from absolute positions (not array indices), so the same function
+    serves a full forward and a decode step against a cache."""
+    q = q_positions[:, None, :, None]
+    k = kv_positions[:, None, None, :]
+    mask = (k <= q) & kv_valid[:, None, None, :]
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+def dot_product_attention(
+    q: Array, k: Array, v: Array, mask: Array, dropout: nnx.Dropout | None, deterministic: bool
+) -> Array:
+    """Dense masked attention. q (B, T, N, H), k and v (B, S, N, H), mask (B, 1, T, S).
+
+    Scores and softmax in float32, probabilities cast back to v's dtype, as transformers does."""
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs, deterministic=deterministic)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+    return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
+
+
+def _drop(dropout: nnx.Dropout | None, x: Array, deterministic: bool) -> Array:
+    return x if dropout is None else dropout(x, deterministic=deterministic)
+
+
+class _Factory:
+    """Builds Linear/LayerNorm layers with the model's dtypes and transformers' initialisation."""
+
+    def __init__(self, config: ModernBertDecoderConfig, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.config, self.dtype, self.param_dtype, self.rngs = config, dtype, param_dtype, rngs
+        r = config.initializer_range
+        self.std = {
+            "in": r,
+            "out": r / np.sqrt(2.0 * config.num_hidden_layers),
+            "final_out": config.hidden_size**-0.5,
+        }
+
+    def linear(self, d_in: int, d_out: int, bias: bool, std: str) -> nnx.Linear:
+        return nnx.Linear(
+            d_in, d_out, use_bias=bias,
+            kernel_init=trunc_normal(self.std[std], self.config.initializer_cutoff_factor),
+            dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs,
+        )  # fmt: skip
+
+    def norm(self) -> nnx.LayerNorm:
+        return nnx.LayerNorm(
+            self.config.hidden_size, epsilon=self.config.norm_eps, use_bias=self.config.norm_bias,
+            use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs,
+        )  # fmt: skip
+
+
+# ---- modules ------------------------------------------------------------------------------
+class Embeddings(nnx.Module):
+    def __init__(self, make: _Factory):
+        c = make.config
+        self.tok_embeddings = nnx.Embed(
+            c.vocab_size, c.hidden_size, dtype=make.dtype, param_dtype=make.param_dtype,
+            embedding_init=trunc_normal(c.initializer_range, c.initializer_cutoff_factor), rngs=make.rngs,
+        )  # fmt: skip
+        self.norm = make.norm()
+        self.drop = _dropout(c.embedding_dropout, make.rngs)
+
+    def __call__(self, input_ids: Array | None, inputs_embeds: Array | None, deterministic: bool) -> Array:
+        if inputs_embeds is None:
+            table = self.tok_embeddings.embedding[...]
+            # Out-of-range ids give NaN rather than a silently clamped row (ids that are not
+            # concrete, under jit, cannot be checked in Python).
+            inputs_embeds = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+            inputs_embeds = inputs_embeds.astype(self.tok_embeddings.dtype)
+        return _drop(self.drop, self.norm(inputs_embeds), deterministic)
+
+
+class Attention(nnx.Module):
+    def __init__(self, make: _Factory, layer: int):
+        c = make.config
+        self.num_heads, self.head_dim = c.num_attention_heads, c.head_dim
+        self.window = c.sliding_window if c.is_sliding(layer) else None
+        inner = c.num_attention_heads * c.head_dim
+        self.q_proj = make.linear(c.hidden_size, inner, c.attention_bias, "in")
+        self.k_proj = make.linear(c.hidden_size, inner, c.attention_bias, "in")
+        self.v_proj = make.linear(c.hidden_size, inner, c.attention_bias, "in")
+        self.Wo = make.linear(inner, c.hidden_size, c.attention_bias, "out")
+        self.attn_drop = _dropout(c.attention_dropout, make.rngs)
+        self.out_drop = _dropout(c.attention_dropout, make.rngs)
+
+    def qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+        """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k."""
+        heads = (*x.shape[:2], self.num_heads, self.head_dim)
+        q = self.q_proj(x).reshape(heads)
+        k = self.k_proj(x).reshape(heads)
+        v = self.v_proj(x).reshape(heads)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
+        q, k, v = self.qkv(x, cos, sin)
+        out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic)  # (B, T, N, H)
+        out = self.Wo(out.reshape(*x.shape[:2], -1))
+        return _drop(self.out_drop, out, deterministic)
+
+
+class MLP(nnx.Module):
+    """GeGLU: Wo(act(first half of Wi x) * second half)."""
+
+    def __init__(self, make: _Factory):
+        c = make.config
+        self.Wi = make.linear(c.hidden_size, 2 * c.intermediate_size, c.mlp_bias, "in")
+        self.Wo = make.linear(c.intermediate_size, c.hidden_size, c.mlp_bias, "out")
+        self.act = ACTIVATIONS[c.hidden_activation]
+        self.drop = _dropout(c.mlp_dropout, make.rngs)
+
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        inputs, gate = jnp.split(self.Wi(x), 2, axis=-1)  # (B, T, F) each
+        return self.Wo(_drop(self.drop, self.act(inputs) * gate, deterministic))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, make: _Factory, layer: int):
+        # Layer 0 has no attention norm: the embeddings were just normalised.
+        self.attn_norm = nnx.data(make.norm() if layer != 0 else None)
+        self.attn = Attention(make, layer)
+        self.mlp_norm = make.norm()
+        self.mlp = MLP(make)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
+        h = x if self.attn_norm is None else self.attn_norm(x)
+        x = x + self.attn(h, cos, sin, mask, deterministic)
+        return x + self.mlp(self.mlp_norm(x), deterministic)
+
+
+class PredictionHead(nnx.Module):
+    """dense -> activation -> LayerNorm; `lm_head` of the causal LM and `head` of the classifier."""
+
+    def __init__(self, make: _Factory):
+        c = make.config
+        self.dense = make.linear(c.hidden_size, c.hidden_size, c.classifier_bias, "out")
+        self.act = ACTIVATIONS[c.classifier_activation]
+        self.norm = make.norm()
+
+    def __call__(self, x: Array) -> Array:
+        return self.norm(self.act(self.dense(x)))
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained`, as in transformers. The work is in
+    `ettin_jax.convert`, which imports this module, so it is imported at call time."""
+
+    config: ModernBertDecoderConfig
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        revision: str | None = None,
+        **config_overrides: Any,
+    ) -> Any:
+        """Loads a transformers checkpoint (safetensors, sharded or not, or pytorch_model.bin),
+        a Hub repo id, or a directory written by `save_pretrained(format="flax")`.
+        Keyword arguments such as `num_labels`, `problem_type` or `id2label` override the config."""
+        from ettin_jax.convert import load_pretrained
+
+        return load_pretrained(
+            cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision,
+            **config_overrides,
+        )  # fmt: skip
+
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "transformers") -> None:
+        """`format="transformers"`: config.json + model.safetensors that transformers loads.
+        `format="flax"`: config.json + an orbax checkpoint of the params."""
+        from ettin_jax.convert import save_pretrained
+
+        save_pretrained(self, directory, format=format)
+
+    def num_parameters(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
+    """Embeddings -> layers -> final_norm. `__call__` follows transformers' signature."""
+
+    def __init__(
+        self,
+        config: ModernBertDecoderConfig,
+        *,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.config = config
+        make = _Factory(config, dtype, param_dtype, rngs if rngs is not None else nnx.Rngs(0))
+        self.embeddings = Embeddings(make)
+        self.layers = nnx.List([DecoderLayer(make, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = make.norm()
+
+    def __call__(
+        self,
+        input_ids: Array | None = None,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        inputs_embeds: Array | None = None,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> BaseModelOutput:
+        c = self.config
+        check_inputs(c, input_ids, attention_mask, position_ids, inputs_embeds)
+        h = self.embeddings(input_ids, inputs_embeds, deterministic)  # (B, T, D)
+        batch, length = h.shape[:2]
+        index = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if position_ids is None:
+            position_ids = index
+        valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        # As in transformers, masks come from token indices and RoPE from position_ids.
+        masks = {
+            "full_attention": make_attention_mask(index, index, valid, None),
+            "sliding_attention": make_attention_mask(index, index, valid, c.sliding_window),
+        }
+        ropes = {
+            "full_attention": rope_tables(position_ids, c.head_dim, c.global_rope_theta),
+            "sliding_attention": rope_tables(position_ids, c.head_dim, c.local_rope_theta),
+        }
+        hidden = [h]
+        for kind, layer in zip(c.layer_types, self.layers, strict=True):
+            h = layer(h, *ropes[kind], masks[kind], deterministic)
+            hidden.append(h)
+        h = self.final_norm(h)
+        return BaseModelOutput(
+            last_hidden_state=h,
+            hidden_states=(*hidden[:-1], h) if output_hidden_states else None,
+        )
+
+
+class LMDecoder(nnx.Module):
+    """The vocabulary projection, `decoder` in the checkpoint. With tied embeddings it has no
+    kernel of its own and uses the embedding matrix, but its bias is still its own."""
+
+    def __init__(self, make: _Factory):
+        c = make.config
+        self.dtype = make.dtype
+        init = trunc_normal(make.std["out"], c.initializer_cutoff_factor)
+        self.kernel = nnx.data(
+            None if c.tie_word_embeddings
+            else nnx.Param(init(make.rngs.params(), (c.hidden_size, c.vocab_size), make.param_dtype))
+        )  # fmt: skip
+        self.bias = nnx.data(nnx.Param(jnp.zeros((c.vocab_size,), make.param_dtype)) if c.decoder_bias else None)
+
+    def __call__(self, x: Array, embedding: Array) -> Array:
+        if self.kernel is None:
+            logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(self.dtype))
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(self.dtype)
+        return logits
+
+
+class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
+    def __init__(
+        self,
+        config: ModernBertDecoderConfig,
+        *,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.config = config
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        make = _Factory(config, dtype, param_dtype, rngs)
+        self.model = ModernBertDecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = PredictionHead(make)
+        self.decoder = LMDecoder(make)
+
+    def logits(self, hidden: Array) -> Array:
+        """(B, T, D) final hidden states -> (B, T, V) logits."""
+        return self.decoder(self.lm_head(hidden), self.model.embeddings.tok_embeddings.embedding[...])
+
+    def __call__(
+        self,
+        input_ids: Array | None = None,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        inputs_embeds: Array | None = None,
+        labels: Array | None = None,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> CausalLMOutput:
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic)
+        logits = self.logits(out.last_hidden_state)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+
+
+class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
+    def __init__(
+        self,
+        config: ModernBertDecoderConfig,
+        *,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.config = config
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        make = _Factory(config, dtype, param_dtype, rngs)
+        self.model = ModernBertDecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.head = PredictionHead(make)
+        self.drop = _dropout(config.classifier_dropout, rngs)
+        self.classifier = make.linear(config.hidden_size, config.num_labels, config.classifier_bias, "final_out")
+
+    def __call__(
+        self,
+        input_ids: Array | None = None,
+        attention_mask: Array | None = None,
+        position_ids: Array | None = None,
+        inputs_embeds: Array | None = None,
+        labels: Array | None = None,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> SequenceClassifierOutput:
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic)
+        h = _drop(self.drop, self.head(out.last_hidden_state), deterministic)
+        logits = self.classifier(h)  # (B, T, L)
+        batch, length = logits.shape[:2]
+        pad = self.config.pad_token_id
+        if input_ids is None or pad is None:
+            last = jnp.full((batch,), length - 1)
+        else:
+            # The rightmost token that is not padding: right for left and right padding alike.
+            last = jnp.argmax(jnp.arange(length) * (jnp.asarray(input_ids) != pad), axis=-1)
+        pooled = logits[jnp.arange(batch), last]  # (B, L)
+        loss = None if labels is None else classification_loss(self.config, pooled, labels)
+        return SequenceClassifierOutput(logits=pooled, loss=loss, hidden_states=out.hidden_states)
+
+
+# ---- losses -------------------------------------------------------------------------------
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: Array, labels: Array) -> Array:
+    """Next-token cross-entropy, mean over labels that are not -100, as transformers computes it:
+    position t predicts labels[t + 1]."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = jnp.asarray(labels)[:, 1:]
+    keep = targets != IGNORE_INDEX
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
+    return jnp.sum(losses * keep) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def problem_type(config: ModernBertDecoderConfig, labels: Array) -> str:
+    """config.problem_type, or transformers' guess from num_labels and the labels' dtype."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def classification_loss(config: ModernBertDecoderConfig, logits: Array, labels: Array) -> Array:
+    """MSE, cross-entropy or BCE-with-logits by problem type; logits (B, L)."""
+    labels = jnp.asarray(labels)
+    logits = logits.astype(jnp.float32)
+    kind = problem_type(config, labels)
+    if kind == "regression":
+        if config.num_labels == 1:
+            return jnp.mean((logits.reshape(-1) - labels.reshape(-1).astype(jnp.float32)) ** 2)
+        return jnp.mean((logits - labels.astype(jnp.float32)) ** 2)
+    if kind == "single_label_classification":
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(-1)))
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
+
+
+# ---- input checks -------------------------------------------------------------------------
+def _concrete(x: Any) -> np.ndarray | None:
+    """x as a numpy array, or None under jit where its values are not known."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_inputs(
+    config: ModernBertDecoderConfig,
+    input_ids: Any,
+    attention_mask: Any,
+    position_ids: Any,
+    inputs_embeds: Any,
+) -> None:
+    """Clear errors for inputs that would otherwise fail deep inside JAX or give wrong numbers."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        if jnp.ndim(input_ids) != 2:
+            raise InputError(f"input_ids must have shape (batch, length), got {jnp.shape(input_ids)}")
+        if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+            raise InputError(f"input_ids must be integers, got {jnp.result_type(input_ids)}")
+        shape = tuple(jnp.shape(input_ids))
+        ids = _concrete(input_ids)
+        if ids is not None and ids.size:
+            bad = (ids < 0) | (ids >= config.vocab_size)
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise InputError(
+                    f"input_ids[{row}, {col}] = {ids[row, col]} is outside the vocabulary "
+                    f"[0, {config.vocab_size}) (vocab_size {config.vocab_size})"
+                )
+    else:
+        if jnp.ndim(inputs_embeds) != 3 or jnp.shape(inputs_embeds)[-1] != config.hidden_size:
+            raise InputError(
+                f"inputs_embeds must have shape (batch, length, {config.hidden_size}), got {jnp.shape(inputs_embeds)}"
+            )
+        shape = tuple(jnp.shape(inputs_embeds))[:2]
+    if shape[1] == 0:
+        raise InputError("the input sequence is empty (length 0)")
+    if shape[1] > config.max_position_embeddings:
+        raise InputError(
+            f"sequence length {shape[1]} is longer than max_position_embeddings ({config.max_position_embeddings})"
+        )
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if value is not None and tuple(jnp.shape(value)) != shape:
+            raise InputError(f"{name} has shape {tuple(jnp.shape(value))}; expected {shape} like the inputs")
+    if position_ids is not None:
+        pos = _concrete(position_ids)
+        if pos is not None and (pos.min() < 0 or pos.max() >= config.max_position_embeddings):
+            raise InputError(
+                f"position_ids must lie in [0, {config.max_position_embeddings}) "
+                f"(max_position_embeddings), got values from {pos.min()} to {pos.max()}"
+            )
