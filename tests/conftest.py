@@ -1,59 +1,11 @@
-"""Tiny random ModernBERT decoders built with transformers, saved, and loaded by ettin-jax."""
+"""Fixtures: tiny random checkpoints saved by transformers."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import numpy as np
 import pytest
-import torch
-import transformers
+from helpers import TINY, VOCAB, WINDOW, random_ids, tiny_config, to_numpy, torch_model
 
-VOCAB = 128
-WINDOW = 4  # sliding_window = local_attention // 2
-
-TINY = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-    local_attention=2 * WINDOW,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    cls_token_id=1,
-    sep_token_id=2,
-)
-
-
-def tiny_config(**overrides) -> transformers.ModernBertDecoderConfig:
-    return transformers.ModernBertDecoderConfig(**{**TINY, **overrides})
-
-
-def torch_model(kind: str = "causal", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A transformers model in float32 eval mode, every param perturbed so that norm scales and
-    biases are not their trivial init (a swapped or dropped one must change the output)."""
-    cls = {
-        "causal": transformers.ModernBertDecoderForCausalLM,
-        "classify": transformers.ModernBertDecoderForSequenceClassification,
-        "base": transformers.ModernBertDecoderModel,
-    }[kind]
-    torch.manual_seed(seed)
-    model = cls(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model
-
-
-def random_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
-    # ids >= 3 so that no pad/bos/eos appears by accident.
-    return np.random.default_rng(seed).integers(3, VOCAB, size=(batch, length)).astype(np.int32)
+__all__ = ["TINY", "VOCAB", "WINDOW", "random_ids", "tiny_config", "to_numpy", "torch_model"]
 
 
 @pytest.fixture
@@ -67,9 +19,3 @@ def saved(tmp_path):
         return model, str(directory)
 
     return make
-
-
-def to_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().numpy()
-    return np.asarray(x, dtype=np.float32)

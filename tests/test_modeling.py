@@ -1,0 +1,271 @@
+"""Numerical parity with transformers' PyTorch ModernBertDecoder, float32, same random weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from helpers import TINY, WINDOW, random_ids, to_numpy
+
+import ettin_jax as ej
+from ettin_jax.modeling import make_attention_mask, rope_tables
+
+TOL = 1e-4
+LENGTH = 3 * WINDOW + 5  # longer than twice the sliding window
+
+
+def pad(ids: np.ndarray, side: str, amount: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Pads row 0 by `amount` tokens (pad id 0) on `side`; row 1 stays full."""
+    ids = ids.copy()
+    mask = np.ones_like(ids)
+    if side == "left":
+        ids[0, :amount], mask[0, :amount] = 0, 0
+    elif side == "right":
+        ids[0, -amount:], mask[0, -amount:] = 0, 0
+    return ids, mask
+
+
+def torch_logits(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        out = model(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=None if mask is None else torch.tensor(mask),
+            **kw,
+        )
+    return out
+
+
+CASES = {
+    "default": {},
+    "layer_types": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]),
+    "biases": dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True),
+    "untied": dict(tie_word_embeddings=False),
+    "rope_thetas": dict(
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 5_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 300.0},
+        }
+    ),
+    "tanh_gelu": dict(hidden_activation="gelu_pytorch_tanh", classifier_activation="silu"),
+}
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_causal_lm_logits_match_transformers(saved, case, padding):
+    torch_model, directory = saved("causal", **CASES[case])
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids, mask = pad(random_ids(2, LENGTH), padding)
+    expected = to_numpy(torch_logits(torch_model, ids, mask).logits)
+    got = np.asarray(model(ids, attention_mask=mask).logits)
+    real = mask.astype(bool)  # outputs at pad positions are meaningless in both frameworks
+    assert got.shape == expected.shape
+    assert np.abs(got - expected)[real].max() <= TOL
+
+
+def test_hidden_states_and_loss_match(saved):
+    torch_model, directory = saved("causal")
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids = random_ids(2, LENGTH)
+    labels = ids.copy()
+    labels[0, :4] = -100
+    ref = torch_logits(torch_model, ids, labels=torch.tensor(labels, dtype=torch.long), output_hidden_states=True)
+    out = model(ids, labels=labels, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == model.config.num_hidden_layers + 1
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), to_numpy(theirs), atol=TOL)
+    assert abs(float(out.loss) - float(ref.loss)) <= 1e-5
+
+
+def test_base_model_and_inputs_embeds(saved):
+    torch_causal, directory = saved("causal")
+    model = ej.ModernBertDecoderModel.from_pretrained(directory)
+    ids = random_ids(2, LENGTH)
+    embeds = torch_causal.model.embeddings.tok_embeddings(torch.tensor(ids, dtype=torch.long))
+    with torch.no_grad():
+        ref = torch_causal.model(inputs_embeds=embeds).last_hidden_state
+    got = model(inputs_embeds=jnp.asarray(to_numpy(embeds))).last_hidden_state
+    np.testing.assert_allclose(np.asarray(got), to_numpy(ref), atol=TOL)
+    np.testing.assert_allclose(np.asarray(model(ids).last_hidden_state), to_numpy(ref), atol=TOL)
+
+
+def test_jit_matches_eager(saved):
+    _, directory = saved("causal")
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids = random_ids(2, LENGTH)
+    jitted = nnx.jit(lambda m, x: m(x).logits)(model, jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(model(ids).logits), atol=1e-6)
+
+
+# ---- per module ---------------------------------------------------------------------------
+@pytest.fixture
+def pair(saved):
+    torch_model, directory = saved("causal")
+    torch_model.config._attn_implementation = "eager"  # takes our explicit additive mask
+    return torch_model, ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+
+
+def test_embeddings_match(pair):
+    torch_model, model = pair
+    ids = random_ids(2, LENGTH)
+    with torch.no_grad():
+        ref = torch_model.model.embeddings(input_ids=torch.tensor(ids, dtype=torch.long))
+    got = model.model.embeddings(jnp.asarray(ids), None, True)
+    np.testing.assert_allclose(np.asarray(got), to_numpy(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [1, 3], ids=["sliding", "global"])
+def test_decoder_layer_matches(pair, layer):
+    torch_model, model = pair
+    kind = model.config.layer_types[layer]
+    assert kind == ("sliding_attention" if layer == 1 else "full_attention")
+    hidden = np.random.default_rng(1).normal(size=(2, LENGTH, model.config.hidden_size)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(LENGTH), (2, LENGTH))
+    valid = np.ones((2, LENGTH), bool)
+    valid[0, :3] = False
+    window = model.config.sliding_window if kind == "sliding_attention" else None
+    mask = make_attention_mask(jnp.asarray(positions), jnp.asarray(positions), jnp.asarray(valid), window)
+    theta = model.config.rope_theta(layer)
+    cos, sin = rope_tables(jnp.asarray(positions), model.config.head_dim, theta)
+    with torch.no_grad():
+        h = torch.tensor(hidden)
+        tcos, tsin = torch_model.model.rotary_emb(h, torch.tensor(positions), kind)
+        np.testing.assert_allclose(np.asarray(cos), to_numpy(tcos), atol=1e-6)
+        additive = torch.where(torch.tensor(np.asarray(mask)), 0.0, torch.finfo(torch.float32).min)
+        ref = torch_model.model.layers[layer](h, position_embeddings=(tcos, tsin), attention_mask=additive)
+    got = model.model.layers[layer](jnp.asarray(hidden), cos, sin, mask, True)
+    real = np.broadcast_to(valid[:, :, None], got.shape)
+    real = real & np.broadcast_to(np.arange(LENGTH)[None, :, None] >= 0, got.shape)
+    rows = np.ones((2, LENGTH), bool)
+    rows[0, :3] = False  # queries with no visible key: undefined in both
+    np.testing.assert_allclose(np.asarray(got)[rows], to_numpy(ref)[rows], atol=1e-5)
+
+
+def test_sliding_window_sees_exactly_window_keys():
+    positions = jnp.arange(10)[None]
+    mask = np.asarray(make_attention_mask(positions, positions, jnp.ones((1, 10), bool), 4))[0, 0]
+    assert mask.sum(-1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
+    assert mask[9, 6] and not mask[9, 5] and not mask[5, 6]
+
+
+def test_lm_head_matches(pair):
+    torch_model, model = pair
+    hidden = np.random.default_rng(2).normal(size=(2, 5, model.config.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model.decoder(torch_model.lm_head(torch.tensor(hidden)))
+    np.testing.assert_allclose(np.asarray(model.logits(jnp.asarray(hidden))), to_numpy(ref), atol=1e-5)
+
+
+# ---- sequence classification --------------------------------------------------------------
+PROBLEMS = {
+    "regression": (1, lambda rng: rng.normal(size=(3,)).astype(np.float32)),
+    "single_label_classification": (3, lambda rng: rng.integers(0, 3, size=(3,)).astype(np.int32)),
+    "multi_label_classification": (3, lambda rng: rng.integers(0, 2, size=(3, 3)).astype(np.float32)),
+}
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_classifier_logits_and_loss_match(saved, problem):
+    num_labels, make_labels = PROBLEMS[problem]
+    torch_model, directory = saved("classify", num_labels=num_labels, problem_type=problem, classifier_bias=True)
+    model = ej.ModernBertDecoderForSequenceClassification.from_pretrained(directory)
+    assert model.config.problem_type == problem and model.config.num_labels == num_labels
+    ids = random_ids(3, LENGTH)
+    ids[0, :4] = 0  # left padding
+    ids[1, -6:] = 0  # right padding
+    mask = (ids != 0).astype(np.int32)
+    labels = make_labels(np.random.default_rng(3))
+    torch_labels = torch.tensor(labels, dtype=torch.long if labels.dtype == np.int32 else torch.float32)
+    ref = torch_logits(torch_model, ids, mask, labels=torch_labels)
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (3, num_labels)
+    np.testing.assert_allclose(np.asarray(out.logits), to_numpy(ref.logits), atol=TOL)
+    assert abs(float(out.loss) - float(ref.loss)) <= 1e-5
+
+
+def test_classifier_head_matches(saved):
+    torch_model, directory = saved("classify", num_labels=4)
+    model = ej.ModernBertDecoderForSequenceClassification.from_pretrained(directory)
+    hidden = np.random.default_rng(4).normal(size=(2, 5, model.config.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model.classifier(torch_model.head(torch.tensor(hidden)))
+    got = model.classifier(model.head(jnp.asarray(hidden)))
+    np.testing.assert_allclose(np.asarray(got), to_numpy(ref), atol=1e-5)
+
+
+# ---- dtypes and dropout -------------------------------------------------------------------
+# bfloat16 keeps 8 significant bits (relative rounding 2**-8 ~ 0.4%); each of the 4 layers
+# rounds activations and weights a few times, so logits drift by a few percent of their scale.
+# We bound the error by 5% of the largest logit and require the argmax to agree almost
+# everywhere; float16 has 11 bits, so its bound is 8x tighter.
+@pytest.mark.parametrize(
+    ("dtype", "param_dtype", "rel"),
+    [
+        (jnp.bfloat16, jnp.float32, 0.05),
+        (jnp.bfloat16, jnp.bfloat16, 0.05),
+        (jnp.float16, jnp.float16, 0.05 / 8),
+    ],
+)
+def test_low_precision_close_to_float32_reference(saved, dtype, param_dtype, rel):
+    torch_model, directory = saved("causal")
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
+    assert model.decoder.bias.dtype == param_dtype
+    ids = random_ids(2, LENGTH)
+    expected = to_numpy(torch_logits(torch_model, ids).logits)
+    logits = model(ids).logits
+    assert logits.dtype == dtype
+    got = np.asarray(logits.astype(jnp.float32))
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= rel * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_dropout_active_only_when_not_deterministic(saved):
+    drops = dict(embedding_dropout=0.1, attention_dropout=0.1, mlp_dropout=0.1)
+    torch_model, directory = saved("causal", **drops)
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids = random_ids(2, LENGTH)
+    eval_logits = np.asarray(model(ids).logits)
+    np.testing.assert_allclose(eval_logits, to_numpy(torch_logits(torch_model, ids).logits), atol=TOL)
+    first = np.asarray(model(ids, deterministic=False).logits)
+    second = np.asarray(model(ids, deterministic=False).logits)
+    assert np.abs(first - eval_logits).max() > 1e-3
+    assert np.abs(first - second).max() > 1e-3  # the RNG stream advances between calls
+
+
+# ---- bad input ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_model():
+    config = ej.ModernBertDecoderConfig(**{k: v for k, v in TINY.items()})
+    return ej.ModernBertDecoderForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(input_ids=np.array([[5, 128]])), r"input_ids\[0, 1\] = 128 is outside the vocabulary"),
+        (dict(input_ids=np.array([[5, -1]])), r"input_ids\[0, 1\] = -1 is outside"),
+        (dict(input_ids=np.ones((1, 129), np.int32)), "longer than max_position_embeddings"),
+        (dict(input_ids=np.ones((1, 0), np.int32)), "empty"),
+        (dict(input_ids=np.ones((3,), np.int32)), "shape"),
+        (dict(input_ids=np.ones((1, 4), np.float32)), "integers"),
+        (dict(), "exactly one of input_ids and inputs_embeds"),
+        (dict(input_ids=np.ones((2, 4), np.int32), attention_mask=np.ones((2, 5))), "attention_mask has shape"),
+        (dict(input_ids=np.ones((1, 4), np.int32), position_ids=np.array([[0, 1, 2, 500]])), "position_ids"),
+        (dict(inputs_embeds=np.ones((1, 4, 7), np.float32)), "inputs_embeds must have shape"),
+    ],
+)
+def test_bad_inputs_name_the_problem(small_model, kwargs, message):
+    with pytest.raises(ej.InputError, match=message):
+        small_model(**kwargs)
+
+
+def test_out_of_vocab_under_jit_is_nan_not_a_clamped_row(small_model):
+    # Under jit the ids cannot be checked in Python; the bad row turns NaN, the good row is intact.
+    ids = jnp.array([[5, 6], [5, 500]])
+    logits = np.asarray(jax.jit(lambda ids: nnx.merge(*nnx.split(small_model))(ids).logits)(ids))
+    np.testing.assert_allclose(logits[0], np.asarray(small_model(np.array([[5, 6]])).logits[0]), atol=1e-6)
+    assert np.isnan(logits[1]).all()
