@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointFormatError",
     "checkpoint_format",
     "load_pretrained",
+    "model_class",
     "save_pretrained",
 ]
 
@@ -47,3 +48,23 @@ def load_pretrained(
     config = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope, **config_overrides)
     checkpoint = read_checkpoint(directory)
     return build_model(cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress)
+
+
+ARCHITECTURES = ("ModernBertDecoderForCausalLM", "ModernBertDecoderForSequenceClassification", "ModernBertDecoderModel")
+
+
+def model_class(directory: str) -> type:
+    """The ettin-jax class for the `architectures` named in a directory's config.json
+    (the causal LM when it names none)."""
+    import json
+
+    import ettin_jax.modeling as modeling
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        names = json.load(f).get("architectures") or ["ModernBertDecoderForCausalLM"]
+    for name in names:
+        if name in ARCHITECTURES:
+            return getattr(modeling, name)
+    raise CheckpointError(
+        f"{directory}/config.json names architectures {names}; ettin-jax knows {sorted(ARCHITECTURES)}"
+    )

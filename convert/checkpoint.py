@@ -155,8 +155,11 @@ def read_flax(directory: str) -> Checkpoint:
     import orbax.checkpoint as ocp
 
     location = os.path.abspath(os.path.join(directory, FLAX_PARAMS))
+    checkpointer = ocp.PyTreeCheckpointer()
     try:
-        tree = ocp.PyTreeCheckpointer().restore(location)
+        metadata = checkpointer.metadata(location).item_metadata
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
+        tree = checkpointer.restore(location, restore_args=as_numpy)
     except Exception as e:  # orbax raises many types for unreadable directories
         raise CheckpointFormatError(f"{location}: cannot restore the orbax checkpoint ({e})") from None
     checkpoint: Checkpoint = {}
@@ -302,6 +305,20 @@ def transformers_state_dict(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_staging_dir(parent: str, prefix: str) -> str:
+    """A temporary directory beside its destination (so a rename publishes it), with the
+    permissions a plain mkdir would give rather than mkdtemp's 0700."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     """write(tmp) then rename tmp to path, so a crash never leaves a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -309,6 +326,7 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -338,13 +356,13 @@ def save_flax(model: Any, directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     target = os.path.abspath(os.path.join(directory, FLAX_PARAMS))
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+    staging = make_staging_dir(directory, ".tmp-")
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(staging, FLAX_PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
         if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".old-", dir=directory)
+            old = make_staging_dir(directory, ".old-")
             os.replace(target, os.path.join(old, FLAX_PARAMS))
             os.replace(os.path.join(staging, FLAX_PARAMS), target)
             shutil.rmtree(old)

@@ -262,16 +262,14 @@ class ModernBertDecoderConfig:
         if size not in ETTIN_SIZES:
             raise ConfigError(f"unknown Ettin size {size!r}; expected one of {', '.join(ETTIN_SIZES)}")
         layers, hidden, intermediate, heads = ETTIN_SIZES[size]
-        return cls(
-            num_hidden_layers=layers,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_attention_heads=heads,
-            **overrides,
+        shape = cls(
+            num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads
         )
+        return shape.replace(**overrides)
 
 
-# size: (layers, hidden, intermediate, heads); the paper's table, arXiv 2507.11412.
+# size: (layers, hidden, intermediate, heads); the paper's table, arXiv 2507.11412, whose
+# parameter counts are those of the base model (embeddings and layers).
 ETTIN_SIZES: dict[str, tuple[int, int, int, int]] = {
     "17m": (7, 256, 384, 4),
     "32m": (10, 384, 576, 6),
@@ -283,36 +281,34 @@ ETTIN_SIZES: dict[str, tuple[int, int, int, int]] = {
 
 
 def _read_rope(data: dict[str, Any]) -> tuple[float, float]:
-    """(global theta, local theta) from any of the spellings, in transformers' precedence."""
+    """(global theta, local theta) from any of the spellings, resolved as transformers does:
+    `rope_parameters` (per layer type, or one dict for both), updated by `rope_scaling`, and
+    the legacy `global_rope_theta` / `local_rope_theta` only where neither gave a theta. A bare
+    `rope_theta` is ignored, as transformers ignores it for this model."""
     scaling = data.pop("rope_scaling", None)
-    if scaling:
-        _check_rope_type(scaling, "rope_scaling")
-    params = data.pop("rope_parameters", None)
-    legacy_global = data.pop("global_rope_theta", None)
-    legacy_local = data.pop("local_rope_theta", None)
-    plain = data.pop("rope_theta", None)
-    global_theta = legacy_global if legacy_global is not None else plain
-    local_theta = legacy_local
-    if params:
-        if "full_attention" in params or "sliding_attention" in params:
-            per_type = params
-        else:  # one dict for every layer type
-            per_type = {"full_attention": params, "sliding_attention": params}
-        for kind, p in per_type.items():
-            if kind not in LAYER_TYPES:
-                raise ConfigError(f"rope_parameters has an unknown layer type {kind!r}")
-            if p is None:
-                continue
-            _check_rope_type(p, f"rope_parameters[{kind!r}]")
-            if p.get("rope_theta") is not None:
-                if kind == "full_attention":
-                    global_theta = p["rope_theta"]
-                else:
-                    local_theta = p["rope_theta"]
-    return (
-        float(global_theta if global_theta is not None else DEFAULT_GLOBAL_ROPE_THETA),
-        float(local_theta if local_theta is not None else DEFAULT_LOCAL_ROPE_THETA),
-    )
+    params = data.pop("rope_parameters", None) or {}
+    legacy = {
+        "full_attention": data.pop("global_rope_theta", None),
+        "sliding_attention": data.pop("local_rope_theta", None),
+    }
+    data.pop("rope_theta", None)
+    if params and not set(params) & set(LAYER_TYPES):
+        params = {"full_attention": params, "sliding_attention": params}  # one dict for every type
+    for kind in params:
+        if kind not in LAYER_TYPES:
+            raise ConfigError(f"rope_parameters has an unknown layer type {kind!r}")
+    thetas = {}
+    for kind, default in (
+        ("full_attention", DEFAULT_GLOBAL_ROPE_THETA),
+        ("sliding_attention", DEFAULT_LOCAL_ROPE_THETA),
+    ):
+        merged = {**(params.get(kind) or {}), **(scaling or {})}
+        _check_rope_type(merged, "rope_scaling" if scaling else f"rope_parameters[{kind!r}]")
+        theta = merged.get("rope_theta")
+        if theta is None:
+            theta = legacy[kind] if legacy[kind] is not None else default
+        thetas[kind] = float(theta)
+    return thetas["full_attention"], thetas["sliding_attention"]
 
 
 def _check_rope_type(params: Mapping[str, Any], where: str) -> None:
