@@ -257,13 +257,13 @@ def build_model(
     if plan.skipped and cls.__name__ != "ModernBertDecoderModel":  # the base model drops heads by design
         warnings.warn(
             f"{cls.__name__} does not use these checkpoint tensors: {', '.join(plan.skipped)}",
-            stacklevel=3,
+            stacklevel=4,
         )
     if plan.new:
         warnings.warn(
             f"{cls.__name__}: these params are not in the checkpoint and were newly initialised; "
             f"train the model before using it: {', '.join(_names(plan.new))}",
-            stacklevel=3,
+            stacklevel=4,
         )
     # Values the checkpoint cannot give (RNG streams of dropout layers, a new head) come from
     # the constructor itself, jitted so that XLA drops the initialisers whose output is unused.
