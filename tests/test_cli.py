@@ -1,0 +1,103 @@
+"""`ettin-jax convert`: formats, dtype, atomic writes, verification and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import random_ids, to_numpy
+
+from ettin_jax.cli import main
+from ettin_jax.convert.safetensors_io import SafetensorsFile
+
+
+@pytest.fixture
+def work(tmp_path):
+    """An empty directory for outputs (the checkpoints live beside it in tmp_path)."""
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def test_transformers_to_flax_and_back(work, saved, capsys):
+    torch_model, directory = saved("causal")
+    assert main(["convert", directory, str(work / "flax")]) == 0
+    summary = capsys.readouterr().out
+    assert "(flax)" in summary and "152,320" in summary and "float32" in summary
+    assert "4 (2 global, 2 sliding)" in summary and "4 keys on sliding layers" in summary
+    assert os.path.isdir(work / "flax" / "flax_params")
+    assert os.path.isfile(work / "flax" / "generation_config.json")  # companions travel along
+    assert main(["convert", str(work / "flax"), str(work / "back")]) == 0
+    assert "(transformers)" in capsys.readouterr().out
+    reloaded = transformers.ModernBertDecoderForCausalLM.from_pretrained(work / "back").eval()
+    ids = torch.tensor(random_ids(1, 9), dtype=torch.long)
+    with torch.no_grad():
+        np.testing.assert_array_equal(to_numpy(reloaded(ids).logits), to_numpy(torch_model(ids).logits))
+    assert sorted(os.listdir(work)) == ["back", "flax"]  # no staging directories left
+
+
+def test_bfloat16_target(work, saved, capsys):
+    _, directory = saved("classify", num_labels=3)
+    assert main(["convert", directory, str(work / "bf16"), "--to", "transformers", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "ModernBertDecoderForSequenceClassification" in out and "bfloat16" in out
+    tensors = SafetensorsFile(work / "bf16" / "model.safetensors")
+    assert {tensors.dtype(k).name for k in tensors} == {"bfloat16"}
+    assert "classifier.weight" in tensors
+    loaded = transformers.ModernBertDecoderForSequenceClassification.from_pretrained(work / "bf16")
+    assert loaded.config.num_labels == 3
+
+
+def test_legacy_rope_option(work, saved):
+    _, directory = saved("causal")
+    assert main(["convert", directory, str(work / "legacy"), "--to", "transformers", "--legacy-rope"]) == 0
+    with open(work / "legacy" / "config.json") as f:
+        rope = json.load(f)["rope_parameters"]
+    assert rope["sliding_attention"]["rope_theta"] == rope["full_attention"]["rope_theta"] == 160_000.0
+
+
+def test_existing_destination_needs_overwrite(work, saved, capsys):
+    _, directory = saved("causal")
+    (work / "dst").mkdir()
+    (work / "dst" / "keep.txt").write_text("mine")
+    assert main(["convert", directory, str(work / "dst")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (work / "dst" / "keep.txt").read_text() == "mine"
+    assert main(["convert", directory, str(work / "dst"), "--overwrite"]) == 0
+    assert sorted(os.listdir(work)) == ["dst"]
+    assert os.path.isdir(work / "dst" / "flax_params")
+
+
+def test_failed_conversion_leaves_nothing_behind(work, saved, capsys):
+    _, directory = saved("causal")
+    with open(os.path.join(directory, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)
+    out = work / "out"
+    assert main(["convert", directory, str(out)]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert not os.listdir(work)
+
+
+def test_missing_source(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-m", "ettin_jax.cli", "convert", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "--dtype" in result.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["convert"], ["convert", "a", "b", "--dtype", "int8"]])
+def test_usage_errors(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
