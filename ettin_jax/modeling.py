@@ -126,6 +126,43 @@ def dot_product_attention(
     return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
 
 
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's keys and values for decoding. A global layer holds a slot for every position
+    up to the cache length; a sliding layer holds a ring of `sliding_window` slots, a third of
+    the memory at long context. `positions` is the absolute position of the token in each slot
+    (-1: empty or padding); masks are built from it, never from slot indices."""
+
+    k: Array  # (B, S, N, H)
+    v: Array  # (B, S, N, H)
+    positions: Array  # (B, S) int32
+
+    @classmethod
+    def empty(cls, batch: int, slots: int, num_heads: int, head_dim: int, dtype: DType) -> LayerCache:
+        kv = jnp.zeros((batch, slots, num_heads, head_dim), dtype)
+        return cls(k=kv, v=kv, positions=jnp.full((batch, slots), -1, jnp.int32))
+
+    def write(self, k: Array, v: Array, positions: Array, index: Array | int) -> LayerCache:
+        """Stores T new tokens that sit at sequence indices index .. index + T - 1: slot
+        index % S, so a ring keeps the newest S tokens."""
+        slots, length = self.k.shape[1], k.shape[1]
+        if length == 1:
+            slot = jnp.asarray(index, jnp.int32) % slots
+            update = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=1)
+            return LayerCache(update(self.k, k), update(self.v, v), update(self.positions, positions))
+        if length > slots:  # only the newest `slots` tokens survive in a ring
+            k, v, positions = k[:, -slots:], v[:, -slots:], positions[:, -slots:]
+            index, length = index + length - slots, slots
+        where = (index + jnp.arange(length)) % slots
+        return LayerCache(
+            self.k.at[:, where].set(k), self.v.at[:, where].set(v), self.positions.at[:, where].set(positions)
+        )
+
+    def mask(self, q_positions: Array, window: int | None) -> Array:
+        """(B, 1, T, S): what queries at `q_positions` (B, T) may see in this cache."""
+        return make_attention_mask(q_positions, self.positions, self.positions >= 0, window)
+
+
 def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
     return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
 
@@ -202,11 +239,28 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(heads)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        mask: Array | None,
+        deterministic: bool,
+        cache: LayerCache | None = None,
+        positions: Array | None = None,
+        index: Array | int = 0,
+    ) -> tuple[Array, LayerCache | None]:
+        """Without a cache: attention over x itself under `mask`. With one, the new keys are
+        stored at sequence `index`; a single token (mask None) then attends over the cache,
+        several tokens (a prefill into an empty cache) over themselves under `mask`."""
         q, k, v = self.qkv(x, cos, sin)
+        if cache is not None:
+            cache = cache.write(k, v, positions, index)
+            if mask is None:
+                k, v, mask = cache.k, cache.v, cache.mask(positions, self.window)
         out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic)  # (B, T, N, H)
         out = self.Wo(out.reshape(*x.shape[:2], -1))
-        return _drop(self.out_drop, out, deterministic)
+        return _drop(self.out_drop, out, deterministic), cache
 
 
 class MLP(nnx.Module):
@@ -232,10 +286,21 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = make.norm()
         self.mlp = MLP(make)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        mask: Array | None,
+        deterministic: bool,
+        cache: LayerCache | None = None,
+        positions: Array | None = None,
+        index: Array | int = 0,
+    ) -> tuple[Array, LayerCache | None]:
         h = x if self.attn_norm is None else self.attn_norm(x)
-        x = x + self.attn(h, cos, sin, mask, deterministic)
-        return x + self.mlp(self.mlp_norm(x), deterministic)
+        attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x), deterministic), cache
 
 
 class PredictionHead(nnx.Module):
@@ -333,13 +398,51 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         }
         hidden = [h]
         for kind, layer in zip(c.layer_types, self.layers, strict=True):
-            h = layer(h, *ropes[kind], masks[kind], deterministic)
+            h, _ = layer(h, *ropes[kind], masks[kind], deterministic)
             hidden.append(h)
         h = self.final_norm(h)
         return BaseModelOutput(
             last_hidden_state=h,
             hidden_states=(*hidden[:-1], h) if output_hidden_states else None,
         )
+
+    def init_cache(self, batch: int, length: int, dtype: DType | None = None) -> tuple[LayerCache, ...]:
+        """Empty caches: `length` slots for global layers, `sliding_window` for sliding ones."""
+        c = self.config
+        dtype = dtype or self.embeddings.tok_embeddings.dtype
+        slots = {"full_attention": length, "sliding_attention": min(length, c.sliding_window)}
+        return tuple(
+            LayerCache.empty(batch, slots[kind], c.num_attention_heads, c.head_dim, dtype) for kind in c.layer_types
+        )
+
+    def forward_cached(
+        self, input_ids: Array, positions: Array, caches: tuple[LayerCache, ...], index: Array | int
+    ) -> tuple[Array, tuple[LayerCache, ...]]:
+        """The incremental forward pass for generation. input_ids (B, T) sit at sequence
+        indices index .. index + T - 1 of a left-padded batch; `positions` (B, T) are their
+        positions, -1 for padding. T > 1 is a prefill into empty caches; T == 1 a decode step.
+        Returns final hidden states (B, T, D) and the updated caches."""
+        c = self.config
+        h = self.embeddings(input_ids, None, True)
+        rope_positions = jnp.maximum(positions, 0)
+        masks: dict[str, Array | None] = {"full_attention": None, "sliding_attention": None}
+        if input_ids.shape[1] > 1:
+            # With left padding, positions and indices differ by a per-row constant, so a mask
+            # on positions equals transformers' mask on indices.
+            valid = positions >= 0
+            masks = {
+                "full_attention": make_attention_mask(positions, positions, valid, None),
+                "sliding_attention": make_attention_mask(positions, positions, valid, c.sliding_window),
+            }
+        ropes = {
+            "full_attention": rope_tables(rope_positions, c.head_dim, c.global_rope_theta),
+            "sliding_attention": rope_tables(rope_positions, c.head_dim, c.local_rope_theta),
+        }
+        new_caches = []
+        for kind, layer, cache in zip(c.layer_types, self.layers, caches, strict=True):
+            h, cache = layer(h, *ropes[kind], masks[kind], True, cache, positions, index)
+            new_caches.append(cache)
+        return self.final_norm(h), tuple(new_caches)
 
 
 class LMDecoder(nnx.Module):
@@ -381,6 +484,18 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
         self.model = ModernBertDecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = PredictionHead(make)
         self.decoder = LMDecoder(make)
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> np.ndarray:
+        """Sampling with transformers' semantics; see `ettin_jax.generation.generate`."""
+        from ettin_jax.generation import generate  # generation imports this module
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def generate_stream(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        """Yields each step's new tokens; see `ettin_jax.generation.generate_stream`."""
+        from ettin_jax.generation import generate_stream
+
+        return generate_stream(self, input_ids, attention_mask, **kwargs)
 
     def logits(self, hidden: Array) -> Array:
         """(B, T, D) final hidden states -> (B, T, V) logits."""

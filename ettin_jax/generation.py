@@ -1,0 +1,321 @@
+"""Generation: a KV-cached, jitted sampler with transformers' `generate` semantics.
+
+`generate` runs one jitted program: a prefill over the (left-padded) prompts, then a
+`lax.while_loop` of decode steps that stops when every row has produced EOS or the token
+budget is spent. `generate_stream` runs the same prefill and decode step from Python, one
+step at a time, and yields each step's tokens.
+
+Shapes are bucketed (prompt length, new tokens and batch each rounded up to a power of two)
+so that a stream of different prompts reuses a handful of compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ettin_jax.modeling import LayerCache
+from ettin_jax.sampling import SamplingConfig, choose, process_logits
+
+Array = jax.Array
+
+MIN_BUCKET = 16
+DEFAULT_MAX_NEW_TOKENS = 20
+
+# Incremented each time a generation program is traced: tests count compilations with it.
+TRACE_COUNT = {"generate": 0, "prefill": 0, "step": 0}
+
+
+class GenerationError(ValueError):
+    """Generation arguments that cannot work, named in the message."""
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+# ---- preparing a batch --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Prompts left-padded into a bucketed array."""
+
+    ids: np.ndarray  # (Bb, Pb) int32, left-padded with pad_id
+    valid: np.ndarray  # (Bb, Pb) bool
+    rows: int  # real rows; the rest pad the batch to its bucket
+    width: int  # the returned prompt width: the longest prompt
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, batch_bucket: bool = True) -> Batch:
+    if not prompts:
+        raise GenerationError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
+    width = max(len(p) for p in prompts)
+    rows = len(prompts)
+    batch, length = (bucket(rows, 1) if batch_bucket else rows), bucket(width)
+    ids = np.full((batch, length), pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for i, prompt in enumerate(prompts):
+        ids[i, length - len(prompt) :] = prompt
+        valid[i, length - len(prompt) :] = True
+    return Batch(ids, valid, rows, width)
+
+
+def prompts_from(input_ids: Any, attention_mask: Any) -> list[list[int]]:
+    """Rows of `input_ids` without their padding (left or right), or a list of token lists."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
+        if attention_mask is not None:
+            raise GenerationError("pass attention_mask only with a 2-D input_ids array")
+        return [list(map(int, row)) for row in input_ids]
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise GenerationError(f"input_ids must be a 2-D array of integers, got shape {ids.shape} and dtype {ids.dtype}")
+    if attention_mask is None:
+        return [row.tolist() for row in ids]
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask has shape {mask.shape}; expected {ids.shape} like input_ids")
+    return [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+# ---- the jitted pieces --------------------------------------------------------------------
+def _prefill(model: Any, ids: Array, valid: Array, cache_length: int) -> tuple[Array, Array, tuple[LayerCache, ...]]:
+    """Logits (B, V) float32 for the first new token, each row's next position, and caches."""
+    positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, -1).astype(jnp.int32)
+    caches = model.model.init_cache(ids.shape[0], cache_length)
+    hidden, caches = model.model.forward_cached(ids, positions, caches, 0)
+    # Left padding puts every row's last real token in the last column.
+    logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    return logits, positions[:, -1] + 1, caches
+
+
+def _step(
+    model: Any, tokens: Array, positions: Array, caches: tuple[LayerCache, ...], index: Array
+) -> tuple[Array, tuple[LayerCache, ...]]:
+    """Feeds one token per row (at sequence `index`); returns the next logits (B, V) float32."""
+    hidden, caches = model.model.forward_cached(tokens[:, None], positions[:, None], caches, index)
+    return model.logits(hidden)[:, 0].astype(jnp.float32), caches
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program."""
+
+    sampling: tuple[bool, ...]
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    new_bucket: int
+
+
+def _choose_next(logits, seen, step, min_new, key, values, static: _Static):
+    eos = jnp.asarray(static.eos_ids, jnp.int32)
+    block_eos = jnp.broadcast_to(step < min_new, logits.shape[:1])
+    processed = process_logits(logits, static.sampling, values, seen, eos, block_eos)
+    return choose(processed, static.sampling[0], jax.random.fold_in(key, step))
+
+
+def _finish(tokens, done, seen, static: _Static):
+    eos = jnp.asarray(static.eos_ids, jnp.int32)
+    tokens = jnp.where(done, static.pad_id, tokens)
+    done = done | jnp.isin(tokens, eos)
+    seen = seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
+    return tokens, done, seen
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=())
+def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, values, key, *, static: _Static):
+    TRACE_COUNT["generate"] += 1
+    model = nnx.merge(graphdef, state)
+    batch, prompt_length = ids.shape
+    logits, positions, caches = _prefill(model, ids, valid, prompt_length + static.new_bucket)
+    vocab = logits.shape[-1]
+    seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].max(valid)
+    out = jnp.full((batch, static.new_bucket), static.pad_id, jnp.int32)
+
+    def cond(carry):
+        step, _, done, *_ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, out, done, seen, logits, positions, caches = carry
+        tokens = _choose_next(logits, seen, step, min_new, key, values, static)
+        tokens, done, seen = _finish(tokens, done, seen, static)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tokens[:, None], step, axis=1)
+        logits, caches = _step(model, tokens, positions, caches, prompt_length + step)
+        return step + 1, out, done, seen, logits, positions + 1, caches
+
+    carry = (jnp.int32(0), out, ~active, seen, logits, positions, caches)
+    step, out, *_ = jax.lax.while_loop(cond, body, carry)
+    return out, step
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"))
+def _prefill_program(graphdef, state, ids, valid, *, cache_length: int):
+    TRACE_COUNT["prefill"] += 1
+    return _prefill(nnx.merge(graphdef, state), ids, valid, cache_length)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("caches",))
+def _stream_program(
+    graphdef, state, logits, seen, done, positions, caches, index, step, min_new, values, key, *, static: _Static
+):
+    TRACE_COUNT["step"] += 1
+    model = nnx.merge(graphdef, state)
+    tokens = _choose_next(logits, seen, step, min_new, key, values, static)
+    tokens, done, seen = _finish(tokens, done, seen, static)
+    logits, caches = _step(model, tokens, positions, caches, index)
+    return tokens, logits, seen, done, positions + 1, caches
+
+
+# ---- the user-facing functions ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    batch: Batch
+    sampling: SamplingConfig
+    static: _Static
+    max_new: int
+    min_new: int
+    seed: int
+
+
+def _prepare(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any,
+    max_new_tokens: int | None,
+    max_length: int | None,
+    min_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    num_return_sequences: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+    seed: int,
+) -> _Request:
+    config = model.config
+    try:
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
+    if num_return_sequences > 1 and not do_sample:
+        raise GenerationError(
+            f"num_return_sequences={num_return_sequences} with greedy decoding would return identical copies; "
+            "pass do_sample=True"
+        )
+    prompts = prompts_from(input_ids, attention_mask)
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    prompts = [p for p in prompts for _ in range(num_return_sequences)]
+    width = max((len(p) for p in prompts), default=0)
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_length is None else max_length - width
+    if max_new_tokens < 0 or (max_length is not None and max_new_tokens <= 0 and width):
+        raise GenerationError(f"max_length={max_length} leaves no room after the {width}-token prompt")
+    if min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise GenerationError(
+            f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
+    if eos_token_id is None:
+        eos = config.eos_token_ids
+    elif isinstance(eos_token_id, int):
+        eos = (eos_token_id,)
+    else:
+        eos = tuple(int(t) for t in eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    batch = left_pad(prompts, pad_token_id)
+    static = _Static(sampling.static(), eos, int(pad_token_id), bucket(max_new_tokens))
+    return _Request(batch, sampling, static, max_new_tokens, min_new_tokens, seed)
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Token ids (batch * num_return_sequences, prompt + new), prompts left-padded; rows that
+    finished early are padded with `pad_token_id` after their EOS. See the module docstring."""
+    request = _prepare(
+        model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample, temperature,
+        top_k, top_p, min_p, repetition_penalty, num_return_sequences, eos_token_id, pad_token_id, seed,
+    )  # fmt: skip
+    batch = request.batch
+    graphdef, state = nnx.split(model)
+    active = np.arange(batch.ids.shape[0]) < batch.rows
+    out, steps = _generate_program(
+        graphdef, state, batch.ids, batch.valid, active, jnp.int32(request.max_new), jnp.int32(request.min_new),
+        request.sampling.values(), jax.random.key(request.seed), static=request.static,
+    )  # fmt: skip
+    steps = int(steps)
+    prompt = batch.ids[: batch.rows, batch.ids.shape[1] - batch.width :]
+    return np.concatenate([prompt, np.asarray(out)[: batch.rows, :steps]], axis=1)
+
+
+def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields each step's new tokens, (batch * num_return_sequences,),
+    as soon as they are made (pad for rows already finished)."""
+    request = _prepare(
+        model, input_ids, attention_mask,
+        kwargs.pop("max_new_tokens", None), kwargs.pop("max_length", None), kwargs.pop("min_new_tokens", 0),
+        kwargs.pop("do_sample", False), kwargs.pop("temperature", 1.0), kwargs.pop("top_k", None),
+        kwargs.pop("top_p", None), kwargs.pop("min_p", None), kwargs.pop("repetition_penalty", None),
+        kwargs.pop("num_return_sequences", 1), kwargs.pop("eos_token_id", None), kwargs.pop("pad_token_id", None),
+        kwargs.pop("seed", 0),
+    )  # fmt: skip
+    if kwargs:
+        raise TypeError(f"generate_stream got unexpected arguments: {', '.join(sorted(kwargs))}")
+    batch, static = request.batch, request.static
+    graphdef, state = nnx.split(model)
+    prompt_length = batch.ids.shape[1]
+    logits, positions, caches = _prefill_program(
+        graphdef, state, batch.ids, batch.valid, cache_length=prompt_length + static.new_bucket
+    )
+    ids = jnp.asarray(batch.ids)
+    seen = jnp.zeros(logits.shape, bool).at[jnp.arange(ids.shape[0])[:, None], ids].max(jnp.asarray(batch.valid))
+    done = jnp.asarray(np.arange(ids.shape[0]) >= batch.rows)
+    values, key = request.sampling.values(), jax.random.key(request.seed)
+    for step in range(request.max_new):
+        tokens, logits, seen, done, positions, caches = _stream_program(
+            graphdef, state, logits, seen, done, positions, caches, jnp.int32(prompt_length + step), jnp.int32(step),
+            jnp.int32(request.min_new), values, key, static=static,
+        )  # fmt: skip
+        yield np.asarray(tokens)[: batch.rows]
+        if bool(jnp.all(done)):
+            return

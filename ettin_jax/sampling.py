@@ -1,0 +1,136 @@
+"""Logits processors and token choice, as transformers applies them, on (B, V) logits.
+
+Order, as in transformers' `generate`: repetition penalty, min_new_tokens (EOS suppressed), then
+for sampling only: temperature, top-k, top-p, min-p. Every filter sets removed logits to -inf
+and always keeps the most likely token. Values are traced, not static, so that changing a
+temperature or a top_p does not compile again; only whether a filter is on is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """What `generate` does with each step's logits. Hashable: it is a static jit argument."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def static(self) -> tuple[bool, bool, bool, bool, bool, bool]:
+        """Which processors are on: the part of the config that shapes the compiled program."""
+        return (
+            self.do_sample,
+            self.do_sample and self.temperature != 1.0,
+            self.do_sample and bool(self.top_k),
+            self.do_sample and self.top_p is not None and self.top_p < 1.0,
+            self.do_sample and self.min_p is not None,
+            self.repetition_penalty is not None and self.repetition_penalty != 1.0,
+        )
+
+    def values(self) -> dict[str, Array]:
+        """The numbers, as arrays (traced under jit)."""
+        return {
+            "temperature": jnp.float32(self.temperature),
+            "top_k": jnp.int32(self.top_k or 0),
+            "top_p": jnp.float32(1.0 if self.top_p is None else self.top_p),
+            "min_p": jnp.float32(0.0 if self.min_p is None else self.min_p),
+            "repetition_penalty": jnp.float32(self.repetition_penalty or 1.0),
+        }
+
+
+def apply_repetition_penalty(logits: Array, seen: Array, penalty: Array) -> Array:
+    """Tokens already in the sequence (`seen`, (B, V) bool): positive logits divided by the
+    penalty, negative ones multiplied (transformers' RepetitionPenaltyLogitsProcessor)."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def suppress(logits: Array, token_ids: Array, active: Array) -> Array:
+    """Sets the logits of `token_ids` (K,) to -inf where `active` ((B,) bool)."""
+    banned = jnp.zeros(logits.shape[-1], bool).at[token_ids].set(True)
+    return jnp.where(active[:, None] & banned[None, :], NEG_INF, logits)
+
+
+def top_k_filter(logits: Array, k: Array) -> Array:
+    """Keeps the logits >= the k-th largest (ties kept); k = 0 keeps all."""
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth = sorted_desc[:, jnp.clip(k - 1, 0, logits.shape[-1] - 1)][:, None]
+    return jnp.where((k > 0) & (logits < kth), NEG_INF, logits)
+
+
+def top_p_filter(logits: Array, p: Array) -> Array:
+    """Keeps the smallest set of most likely tokens whose probability reaches p: a token stays
+    when the mass of the tokens more likely than it is below p."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < p
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def min_p_filter(logits: Array, min_p: Array) -> Array:
+    """Drops tokens whose probability is below min_p times the top token's."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    threshold = min_p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, NEG_INF, logits)
+
+
+def process_logits(
+    logits: Array,
+    static: tuple[bool, ...],
+    values: dict[str, Array],
+    seen: Array,
+    eos_ids: Array,
+    block_eos: Array,
+) -> Array:
+    """All processors, in transformers' order. logits (B, V) float32."""
+    do_sample, use_temperature, use_top_k, use_top_p, use_min_p, use_penalty = static
+    if use_penalty:
+        logits = apply_repetition_penalty(logits, seen, values["repetition_penalty"])
+    if eos_ids.size:
+        logits = suppress(logits, eos_ids, block_eos)
+    if not do_sample:
+        return logits
+    if use_temperature:
+        logits = logits / values["temperature"]
+    if use_top_k:
+        logits = top_k_filter(logits, values["top_k"])
+    if use_top_p:
+        logits = top_p_filter(logits, values["top_p"])
+    if use_min_p:
+        logits = min_p_filter(logits, values["min_p"])
+    return logits
+
+
+def choose(logits: Array, do_sample: bool, key: Array) -> Array:
+    """(B,) next tokens: argmax, or a sample from the processed logits."""
+    if do_sample:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)

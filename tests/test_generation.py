@@ -1,0 +1,239 @@
+"""Generation: token parity with transformers' greedy generate, the cache against full forward
+passes, the sampling filters on hand-made logits, bucketing, streaming and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, random_ids
+
+import ettin_jax as ej
+from ettin_jax import generation, sampling
+from ettin_jax.generation import GenerationError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from helpers import torch_model
+
+    directory = tmp_path_factory.mktemp("gen")
+    reference = torch_model("causal")
+    reference.save_pretrained(directory)
+    return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :], mask[i, width - len(prompt) :] = prompt, 1
+    return ids, mask
+
+
+def reference_generate(reference, ids, mask, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        return reference.generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, pad_token_id=0, **kwargs
+        ).numpy()
+
+
+PROMPT_LONG = random_ids(1, 11, seed=1)[0].tolist()  # window is 4: the prompt spans several
+PROMPT_SHORT = random_ids(1, 3, seed=2)[0].tolist()
+PROMPT_MID = random_ids(1, 6, seed=3)[0].tolist()
+
+GREEDY_CASES = {
+    "prompt_longer_than_window": ([PROMPT_LONG], dict(max_new_tokens=8)),
+    "several_windows_past_prompt": ([PROMPT_SHORT], dict(max_new_tokens=40)),
+    "ragged_batch": ([PROMPT_LONG, PROMPT_SHORT, PROMPT_MID], dict(max_new_tokens=24)),
+    "repetition_penalty": ([PROMPT_MID, PROMPT_LONG[:6]], dict(max_new_tokens=24, repetition_penalty=1.5)),
+    "min_new_tokens_and_max_length": ([PROMPT_MID], dict(max_length=20, min_new_tokens=5)),
+}
+
+
+@pytest.mark.parametrize("case", list(GREEDY_CASES))
+def test_greedy_tokens_match_transformers(pair, case):
+    reference, model = pair
+    prompts, kwargs = GREEDY_CASES[case]
+    ids, mask = left_padded(prompts)
+    expected = reference_generate(reference, ids, mask, eos_token_id=None, **kwargs)
+    got = model.generate(ids, attention_mask=mask, eos_token_id=[], **kwargs)
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_eos_stops_rows_and_pads_after_it(pair):
+    reference, model = pair
+    ids, mask = left_padded([PROMPT_LONG, PROMPT_SHORT])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    eos = int(free[0, ids.shape[1] + 4])  # row 0 makes this token 5th: call it EOS
+    expected = reference_generate(reference, ids, mask, eos_token_id=eos, max_new_tokens=30)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos)
+    np.testing.assert_array_equal(got, expected)
+    new = got[0, ids.shape[1] :]
+    first = int(np.argmax(new == eos))
+    assert first <= 4 and (new[first + 1 :] == 0).all()  # pad id 0 after EOS
+
+
+def test_cache_logits_equal_full_forward_at_every_step(pair):
+    _, model = pair
+    prompts = [PROMPT_LONG, PROMPT_SHORT]
+    full = model.generate(*left_padded(prompts), max_new_tokens=12, eos_token_id=[])
+    batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
+    logits, positions, caches = generation._prefill(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64)
+    offset = batch.ids.shape[1] - batch.width
+    width = batch.width
+    for step in range(12):
+        # Reference: a fresh full forward over the left-padded tokens so far.
+        so_far = full[:, : width + step]
+        valid = np.concatenate([batch.valid[:, offset:], np.ones((2, step), bool)], axis=1)
+        expected = np.asarray(model(so_far, attention_mask=valid).logits[:, -1])
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, err_msg=f"step {step}")
+        token = jnp.asarray(full[:, width + step], jnp.int32)
+        logits, caches = generation._step(model, token, positions, caches, batch.ids.shape[1] + step)
+        positions = positions + 1
+
+
+def test_sliding_cache_is_a_ring_of_window_slots(pair):
+    _, model = pair
+    caches = model.model.init_cache(2, 64)
+    slots = [c.k.shape[1] for c in caches]
+    assert slots == [64 if kind == "full_attention" else 4 for kind in model.config.layer_types]
+
+
+# ---- sampling filters on hand-made logits ------------------------------------------------
+LOGITS = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]], jnp.float32))
+
+
+def kept(filtered) -> list[list[int]]:
+    return [np.flatnonzero(np.isfinite(row)).tolist() for row in np.asarray(filtered)]
+
+
+@pytest.mark.parametrize(("k", "expected"), [(1, [[0], [4]]), (3, [[0, 1, 2], [2, 3, 4]]), (0, [[0, 1, 2, 3, 4]] * 2)])
+def test_top_k_keeps_the_k_largest(k, expected):
+    assert kept(sampling.top_k_filter(LOGITS, jnp.int32(k))) == expected
+
+
+def test_top_k_keeps_ties():
+    logits = jnp.array([[1.0, 2.0, 2.0, 0.0]])
+    assert kept(sampling.top_k_filter(logits, jnp.int32(1))) == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("p", "expected"),
+    [(0.5, [[0], [4]]), (0.6, [[0, 1], [3, 4]]), (0.85, [[0, 1, 2], [2, 3, 4]]), (1.0, [[0, 1, 2, 3, 4]] * 2)],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+    assert kept(sampling.top_p_filter(LOGITS, jnp.float32(p))) == expected
+
+
+def test_top_p_always_keeps_the_top_token():
+    assert kept(sampling.top_p_filter(LOGITS, jnp.float32(1e-6))) == [[0], [4]]
+
+
+@pytest.mark.parametrize(
+    ("min_p", "expected"), [(0.3, [[0, 1, 2], [2, 3, 4]]), (0.5, [[0], [4]]), (0.0, [[0, 1, 2, 3, 4]] * 2)]
+)
+def test_min_p_drops_tokens_below_a_fraction_of_the_top(min_p, expected):
+    # 0.3 * 0.5 = 0.15: 0.15 stays (not below), 0.1 goes.
+    assert kept(sampling.min_p_filter(LOGITS, jnp.float32(min_p))) == expected
+
+
+def test_temperature_and_penalty_values():
+    config = sampling.SamplingConfig(do_sample=True, temperature=0.5, repetition_penalty=2.0)
+    logits = jnp.array([[2.0, -2.0, 1.0]])
+    seen = jnp.array([[True, True, False]])
+    out = sampling.process_logits(
+        logits, config.static(), config.values(), seen, jnp.array([], jnp.int32), jnp.array([False])
+    )
+    np.testing.assert_allclose(np.asarray(out), [[2.0, -8.0, 2.0]])  # (2/2, -2*2, 1) / 0.5
+
+
+def test_min_new_tokens_suppresses_eos():
+    out = sampling.suppress(jnp.zeros((2, 4)), jnp.array([1, 3]), jnp.array([True, False]))
+    assert np.isneginf(np.asarray(out)[0]).tolist() == [False, True, False, True]
+    assert np.isfinite(np.asarray(out)[1]).all()
+
+
+# ---- sampling through generate -----------------------------------------------------------
+def test_same_seed_same_tokens_and_return_sequences(pair):
+    _, model = pair
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.5, num_return_sequences=3, eos_token_id=[])
+    a = model.generate([PROMPT_MID, PROMPT_SHORT], seed=7, **kwargs)
+    b = model.generate([PROMPT_MID, PROMPT_SHORT], seed=7, **kwargs)
+    c = model.generate([PROMPT_MID, PROMPT_SHORT], seed=8, **kwargs)
+    assert a.shape == (6, 6 + 12)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    assert len({tuple(row) for row in a[:3, 6:]}) > 1  # the three samples of prompt 0 differ
+    np.testing.assert_array_equal(a[3:, 3:6], np.tile(PROMPT_SHORT, (3, 1)))  # row order: repeat_interleave
+
+
+def test_top_k_one_sampling_is_greedy(pair):
+    _, model = pair
+    greedy = model.generate([PROMPT_LONG], max_new_tokens=10, eos_token_id=[])
+    sampled = model.generate([PROMPT_LONG], max_new_tokens=10, eos_token_id=[], do_sample=True, top_k=1, seed=3)
+    np.testing.assert_array_equal(greedy, sampled)
+
+
+def test_stream_yields_the_same_tokens(pair):
+    _, model = pair
+    ids, mask = left_padded([PROMPT_LONG, PROMPT_SHORT])
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[])
+    steps = list(model.generate_stream(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[]))
+    assert len(steps) == 9
+    np.testing.assert_array_equal(np.stack(steps, axis=1), full[:, ids.shape[1] :])
+
+
+def test_buckets_avoid_recompiling(pair):
+    _, model = pair
+    model.generate([PROMPT_MID], max_new_tokens=10, eos_token_id=[])  # warm the (16, 16) bucket
+    before = generation.TRACE_COUNT["generate"]
+    for length, new in [(5, 10), (7, 12), (9, 9), (11, 14)]:
+        out = model.generate([random_ids(1, length, seed=length)[0].tolist()], max_new_tokens=new, eos_token_id=[])
+        assert out.shape == (1, length + new)
+    assert generation.TRACE_COUNT["generate"] == before
+
+
+def test_runs_under_bfloat16(pair, tmp_path):
+    reference, _ = pair
+    reference.save_pretrained(tmp_path)
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert model.generate([PROMPT_LONG], max_new_tokens=5).shape == (1, 16)
+    assert model.model.init_cache(1, 8)[0].k.dtype == jnp.bfloat16
+
+
+# ---- bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(input_ids=[[]]), "prompt 0 is empty"),
+        (
+            dict(input_ids=[[5] * 100], max_new_tokens=29),
+            r"100-token prompt plus 29 new tokens exceeds max_position_embeddings \(128\)",
+        ),
+        (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(do_sample=True, top_k=-1), "top_k must be a non-negative integer"),
+        (dict(do_sample=True, min_p=1.2), r"min_p must be in \[0, 1\]"),
+        (dict(num_return_sequences=2), "pass do_sample=True"),
+        (dict(input_ids=[[5, 999]]), "token id 999 outside the vocabulary"),
+        (dict(max_length=3), "leaves no room"),
+    ],
+)
+def test_bad_generation_arguments(pair, kwargs, message):
+    _, model = pair
+    kwargs = {"input_ids": [[5, 6, 7]], **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        model.generate(**kwargs)
+
+
+def test_untrained_config_defaults():
+    model = ej.ModernBertDecoderForCausalLM(ej.ModernBertDecoderConfig(**TINY))
+    out = model.generate(np.array([[1, 5, 6]]))  # eos 2 and pad 0 from the config; 20 new tokens at most
+    assert out.shape[0] == 1 and 3 < out.shape[1] <= 23
+    assert jax.tree.leaves(out)
