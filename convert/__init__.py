@@ -45,7 +45,8 @@ def load_pretrained(
 ) -> Any:
     """`cls` (one of the three model classes) with the weights at `path_or_repo_id`."""
     directory = resolve(path_or_repo_id, revision)
-    config = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope, **config_overrides)
+    # Overrides go through replace(), which rejects misspelt fields instead of dropping them.
+    config = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope).replace(**config_overrides)
     checkpoint = read_checkpoint(directory)
     return build_model(cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress)
 

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -80,8 +81,9 @@ def checkpoint_format(directory: str) -> str:
 
 
 def _shard_files(directory: str, single: str, index: str) -> list[str]:
+    """The single file when it exists (transformers' order), else the shards of the index."""
     index_path = os.path.join(directory, index)
-    if not os.path.isfile(index_path):
+    if os.path.isfile(os.path.join(directory, single)) or not os.path.isfile(index_path):
         return [os.path.join(directory, single)]
     try:
         with open(index_path, encoding="utf-8") as f:
@@ -334,11 +336,25 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def _remove_other_weights(directory: str, keep: str) -> None:
+    """After a successful save, weights of another layout would shadow or contradict the new
+    ones on the next load (e.g. old shards beside a new model.safetensors): remove them."""
+    names = set(os.listdir(directory))
+    stale = {
+        n for n in names if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", n)
+    }
+    stale |= {FLAX_PARAMS} & names
+    for name in stale - {keep}:
+        path = os.path.join(directory, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def save_transformers(model: Any, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     tensors = transformers_state_dict(model)
-    _write_atomically(os.path.join(directory, SAFETENSORS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     _write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
+    _write_atomically(os.path.join(directory, SAFETENSORS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    _remove_other_weights(directory, SAFETENSORS)
 
 
 def _save_config(model: Any, file: str) -> None:
@@ -371,6 +387,7 @@ def save_flax(model: Any, directory: str) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
+    _remove_other_weights(directory, FLAX_PARAMS)
 
 
 def save_pretrained(model: Any, directory: str | os.PathLike, format: str = "transformers") -> None:

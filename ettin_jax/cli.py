@@ -29,10 +29,10 @@ def _convert(args: argparse.Namespace) -> int:
     from ettin_jax.convert import checkpoint_format, load_pretrained, model_class, resolve, save_pretrained
     from ettin_jax.convert.checkpoint import make_staging_dir
 
-    src = resolve(args.src, args.revision)
     dst = os.path.abspath(args.dst)
     if os.path.exists(dst) and not args.overwrite:
         raise CommandError(f"{dst} already exists; pass --overwrite to replace it")
+    src = resolve(args.src, args.revision)
     source_format = checkpoint_format(src)
     target = args.to or ("transformers" if source_format == "flax" else "flax")
     dtype = jnp.dtype(args.dtype)

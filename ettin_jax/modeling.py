@@ -380,7 +380,9 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         deterministic: bool = True,
     ) -> BaseModelOutput:
         c = self.config
-        check_inputs(c, input_ids, attention_mask, position_ids, inputs_embeds)
+        input_ids, attention_mask, position_ids, inputs_embeds = check_inputs(
+            c, input_ids, attention_mask, position_ids, inputs_embeds
+        )
         h = self.embeddings(input_ids, inputs_embeds, deterministic)  # (B, T, D)
         batch, length = h.shape[:2]
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -549,6 +551,8 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
         logits = self.classifier(h)  # (B, T, L)
         batch, length = logits.shape[:2]
         pad = self.config.pad_token_id
+        if pad is None and batch > 1:
+            raise InputError("pad_token_id is not set in the config, so padded rows cannot be pooled; use batch size 1")
         if input_ids is None or pad is None:
             last = jnp.full((batch,), length - 1)
         else:
@@ -565,12 +569,27 @@ IGNORE_INDEX = -100
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:
     """Next-token cross-entropy, mean over labels that are not -100, as transformers computes it:
-    position t predicts labels[t + 1]."""
+    position t predicts labels[t + 1]. With every label ignored the loss is 0 (PyTorch: NaN)."""
+    labels = _as_array(labels)
+    if labels.shape != logits.shape[:2] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise InputError(
+            f"labels must be integers of shape {tuple(logits.shape[:2])} like input_ids, "
+            f"got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
+    _check_label_range(labels, logits.shape[-1], "token id")
     logits = logits[:, :-1].astype(jnp.float32)
-    targets = jnp.asarray(labels)[:, 1:]
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
     return jnp.sum(losses * keep) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def _check_label_range(labels: Array, limit: int, what: str) -> None:
+    values = _concrete(labels)
+    if values is not None:
+        bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= limit))
+        if bad.any():
+            raise InputError(f"label {values[bad][0]} is not a valid {what} in [0, {limit}) (nor -100, ignored)")
 
 
 def problem_type(config: ModernBertDecoderConfig, labels: Array) -> str:
@@ -585,20 +604,41 @@ def problem_type(config: ModernBertDecoderConfig, labels: Array) -> str:
 
 
 def classification_loss(config: ModernBertDecoderConfig, logits: Array, labels: Array) -> Array:
-    """MSE, cross-entropy or BCE-with-logits by problem type; logits (B, L)."""
-    labels = jnp.asarray(labels)
+    """MSE, cross-entropy (labels -100 ignored) or BCE-with-logits by problem type; logits (B, L)."""
+    labels = _as_array(labels)
     logits = logits.astype(jnp.float32)
+    batch, num_labels = logits.shape
     kind = problem_type(config, labels)
     if kind == "regression":
-        if config.num_labels == 1:
-            return jnp.mean((logits.reshape(-1) - labels.reshape(-1).astype(jnp.float32)) ** 2)
-        return jnp.mean((logits - labels.astype(jnp.float32)) ** 2)
+        expected = {(batch,), (batch, 1)} if num_labels == 1 else {(batch, num_labels)}
+        _check_label_shape(labels, expected, kind)
+        return jnp.mean((logits.reshape(-1) - labels.reshape(-1).astype(jnp.float32)) ** 2)
     if kind == "single_label_classification":
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(-1)))
+        _check_label_shape(labels, {(batch,), (batch, 1)}, kind)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise InputError(f"{kind} needs integer labels, got {labels.dtype}")
+        _check_label_range(labels, num_labels, "class")
+        labels = labels.reshape(-1)
+        keep = labels != IGNORE_INDEX
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
+        return jnp.sum(losses * keep) / jnp.maximum(jnp.sum(keep), 1)  # all ignored: 0 (PyTorch: NaN)
+    _check_label_shape(labels, {(batch, num_labels)}, kind)
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
 
 
+def _check_label_shape(labels: Array, expected: set[tuple[int, ...]], kind: str) -> None:
+    if tuple(labels.shape) not in expected:
+        raise InputError(
+            f"{kind} labels must have shape {' or '.join(str(e) for e in sorted(expected))}, got {tuple(labels.shape)}"
+        )
+
+
 # ---- input checks -------------------------------------------------------------------------
+def _as_array(x: Any) -> Array:
+    """Lists and numpy arrays become jax arrays; jax arrays and tracers pass through."""
+    return x if isinstance(x, jax.Array) else jnp.asarray(np.asarray(x))
+
+
 def _concrete(x: Any) -> np.ndarray | None:
     """x as a numpy array, or None under jit where its values are not known."""
     try:
@@ -613,10 +653,14 @@ def check_inputs(
     attention_mask: Any,
     position_ids: Any,
     inputs_embeds: Any,
-) -> None:
-    """Clear errors for inputs that would otherwise fail deep inside JAX or give wrong numbers."""
+) -> tuple[Array | None, Array | None, Array | None, Array | None]:
+    """Clear errors for inputs that would otherwise fail deep inside JAX or give wrong numbers.
+    Returns the inputs as arrays."""
     if (input_ids is None) == (inputs_embeds is None):
         raise InputError("pass exactly one of input_ids and inputs_embeds")
+    input_ids, attention_mask, position_ids, inputs_embeds = (
+        None if x is None else _as_array(x) for x in (input_ids, attention_mask, position_ids, inputs_embeds)
+    )
     if input_ids is not None:
         if jnp.ndim(input_ids) != 2:
             raise InputError(f"input_ids must have shape (batch, length), got {jnp.shape(input_ids)}")
@@ -654,3 +698,4 @@ def check_inputs(
                 f"position_ids must lie in [0, {config.max_position_embeddings}) "
                 f"(max_position_embeddings), got values from {pos.min()} to {pos.max()}"
             )
+    return input_ids, attention_mask, position_ids, inputs_embeds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,9 +91,8 @@ def test_missing_source(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run(
-        [sys.executable, "-m", "ettin_jax.cli", "convert", "--help"], capture_output=True, text=True, check=False
-    )
+    script = shutil.which("ettin-jax") or os.path.join(os.path.dirname(sys.executable), "ettin-jax")
+    result = subprocess.run([script, "convert", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "--dtype" in result.stdout
 
 

@@ -50,6 +50,7 @@ CASES = {
         }
     ),
     "tanh_gelu": dict(hidden_activation="gelu_pytorch_tanh", classifier_activation="silu"),
+    "no_decoder_bias": dict(decoder_bias=False),
 }
 
 
@@ -78,6 +79,21 @@ def test_hidden_states_and_loss_match(saved):
     for ours, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):
         np.testing.assert_allclose(np.asarray(ours), to_numpy(theirs), atol=TOL)
     assert abs(float(out.loss) - float(ref.loss)) <= 1e-5
+
+
+def test_explicit_position_ids_match(saved):
+    torch_model, directory = saved("causal")
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids = random_ids(2, LENGTH)
+    # A stride of 2 (a shift alone would cancel out in RoPE's relative angles).
+    positions = np.broadcast_to(2 * np.arange(LENGTH) + 7, ids.shape).astype(np.int32)
+    mask = np.ones_like(ids)
+    expected = to_numpy(
+        torch_logits(torch_model, ids, mask, position_ids=torch.tensor(positions, dtype=torch.long)).logits
+    )
+    got = np.asarray(model(ids.tolist(), attention_mask=mask, position_ids=positions).logits)  # lists work too
+    np.testing.assert_allclose(got, expected, atol=TOL)
+    assert np.abs(got - np.asarray(model(ids).logits)).max() > 1e-3  # the positions matter
 
 
 def test_base_model_and_inputs_embeds(saved):
@@ -183,6 +199,26 @@ def test_classifier_logits_and_loss_match(saved, problem):
     assert abs(float(out.loss) - float(ref.loss)) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("num_labels", "labels", "inferred"),
+    [
+        (1, np.array([0.5, -1.0, 2.0], np.float32), "regression"),
+        (3, np.array([1, -100, 2], np.int32), "single_label_classification"),  # -100 is ignored
+        (3, np.array([[1, 0, 1], [0, 0, 1], [1, 1, 1]], np.float32), "multi_label_classification"),
+    ],
+)
+def test_classifier_problem_type_inferred_like_transformers(saved, num_labels, labels, inferred):
+    torch_model, directory = saved("classify", num_labels=num_labels)
+    model = ej.ModernBertDecoderForSequenceClassification.from_pretrained(directory)
+    assert model.config.problem_type is None
+    ids = random_ids(3, LENGTH)
+    torch_labels = torch.tensor(labels, dtype=torch.long if labels.dtype == np.int32 else torch.float32)
+    ref = torch_logits(torch_model, ids, labels=torch_labels)
+    assert torch_model.config.problem_type == inferred
+    assert ej.modeling.problem_type(model.config, labels) == inferred
+    assert abs(float(model(ids, labels=labels).loss) - float(ref.loss)) <= 1e-5
+
+
 def test_classifier_head_matches(saved):
     torch_model, directory = saved("classify", num_labels=4)
     model = ej.ModernBertDecoderForSequenceClassification.from_pretrained(directory)
@@ -258,6 +294,40 @@ def small_model():
 def test_bad_inputs_name_the_problem(small_model, kwargs, message):
     with pytest.raises(ej.InputError, match=message):
         small_model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("problem", "labels", "message"),
+    [
+        (None, np.array([0, 3]), r"label 3 is not a valid class in \[0, 3\)"),
+        ("single_label_classification", np.array([0.0, 1.0]), "needs integer labels"),
+        (None, np.array([[0.0, 1.0, 1.0]]), r"multi_label_classification labels must have shape \(2, 3\)"),
+        ("regression", np.array([0.5, 1.0]), r"regression labels must have shape \(2, 3\)"),
+    ],
+)
+def test_bad_classification_labels(problem, labels, message):
+    config = ej.ModernBertDecoderConfig(**TINY).replace(num_labels=3, problem_type=problem)
+    with pytest.raises(ej.InputError, match=message):
+        ej.ModernBertDecoderForSequenceClassification(config)(np.array([[5, 6], [7, 8]]), labels=labels)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.ones((2, 3), np.int32), r"labels must be integers of shape \(1, 4\)"),
+        (np.array([[5, 6, 7, 200]]), "label 200"),
+    ],
+)
+def test_bad_causal_lm_labels(small_model, labels, message):
+    with pytest.raises(ej.InputError, match=message):
+        small_model(np.array([[5, 6, 7, 8]]), labels=labels)
+
+
+def test_classifier_without_pad_token_refuses_batches():
+    model = ej.ModernBertDecoderForSequenceClassification(ej.ModernBertDecoderConfig(**{**TINY, "pad_token_id": None}))
+    assert model(np.array([[5, 6]])).logits.shape == (1, 2)
+    with pytest.raises(ej.InputError, match="pad_token_id is not set"):
+        model(np.array([[5, 6], [7, 8]]))
 
 
 def test_out_of_vocab_under_jit_is_nan_not_a_clamped_row(small_model):

@@ -120,7 +120,7 @@ def test_saved_transformers_checkpoint_loads_in_transformers(tmp_path, saved, ki
     out = tmp_path / "out"
     model.save_pretrained(out)
     reloaded, info = type(torch_model).from_pretrained(out, output_loading_info=True)
-    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["missing_keys"]
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = random_ids(2, 9)
     with torch.no_grad():
@@ -153,6 +153,45 @@ def test_transformers_to_flax_to_transformers_is_bit_identical(tmp_path, saved):
     for key in original:
         assert original.dtype(key) == final.dtype(key)
         np.testing.assert_array_equal(original[key], final[key], err_msg=key)
+
+
+@pytest.mark.parametrize("target", ["causal", "base"])
+def test_base_model_checkpoint_loads(saved, target):
+    torch_base, directory = saved("base")
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        hidden = to_numpy(torch_base(torch.tensor(ids, dtype=torch.long)).last_hidden_state)
+    if target == "base":
+        model = ej.ModernBertDecoderModel.from_pretrained(directory)
+        np.testing.assert_allclose(np.asarray(model(ids).last_hidden_state), hidden, atol=TOL)
+    else:
+        with pytest.warns(UserWarning, match=r"newly initialised.*decoder\.bias.*lm_head\.dense\.weight"):
+            model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+        np.testing.assert_allclose(np.asarray(model.model(ids).last_hidden_state), hidden, atol=TOL)
+
+
+@pytest.mark.parametrize("first", ["sharded", "flax", "transformers"])
+@pytest.mark.parametrize("second", ["flax", "transformers"])
+def test_saving_over_another_checkpoint_replaces_it(tmp_path, saved, first, second):
+    old, _ = saved("causal", seed=0)
+    _, new_directory = saved("causal", seed=1)
+    target = tmp_path / "target"
+    if first == "sharded":
+        as_sharded(old, target)
+    else:
+        old.save_pretrained(target)
+        if first == "flax":
+            ej.ModernBertDecoderForCausalLM.from_pretrained(target).save_pretrained(target, format="flax")
+    new = ej.ModernBertDecoderForCausalLM.from_pretrained(new_directory)
+    new.save_pretrained(target, format=second)
+    assert params_equal(ej.ModernBertDecoderForCausalLM.from_pretrained(target), new)
+    assert not any(name.startswith("model-0") for name in os.listdir(target))
+
+
+def test_misspelt_override_is_an_error(saved):
+    _, directory = saved("causal")
+    with pytest.raises(ej.ConfigError, match=r"unknown config field.*num_labes"):
+        ej.ModernBertDecoderForSequenceClassification.from_pretrained(directory, num_labes=3)
 
 
 def test_unknown_save_format_is_an_error(tmp_path):
