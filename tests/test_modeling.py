@@ -230,16 +230,16 @@ def test_classifier_head_matches(saved):
 
 
 # ---- dtypes and dropout -------------------------------------------------------------------
-# bfloat16 keeps 8 significant bits (relative rounding 2**-8 ~ 0.4%); each of the 4 layers
-# rounds activations and weights a few times, so logits drift by a few percent of their scale.
-# We bound the error by 5% of the largest logit and require the argmax to agree almost
-# everywhere; float16 has 11 bits, so its bound is 8x tighter.
+# bfloat16 rounds to 8 significant bits: a relative error of up to 2**-9 per rounding. The
+# logits of this 4-layer model pass through about 20 roundings (projections, attention, MLP,
+# norms, head); errors of random sign grow like sqrt(20) * 2**-9 ~ 0.9% of the logit scale
+# (0.85% measured). The bound is about twice that. float16 keeps 11 bits: 8x tighter.
 @pytest.mark.parametrize(
     ("dtype", "param_dtype", "rel"),
     [
-        (jnp.bfloat16, jnp.float32, 0.05),
-        (jnp.bfloat16, jnp.bfloat16, 0.05),
-        (jnp.float16, jnp.float16, 0.05 / 8),
+        (jnp.bfloat16, jnp.float32, 0.02),
+        (jnp.bfloat16, jnp.bfloat16, 0.02),
+        (jnp.float16, jnp.float16, 0.02 / 8),
     ],
 )
 def test_low_precision_close_to_float32_reference(saved, dtype, param_dtype, rel):
@@ -253,7 +253,7 @@ def test_low_precision_close_to_float32_reference(saved, dtype, param_dtype, rel
     got = np.asarray(logits.astype(jnp.float32))
     scale = np.abs(expected).max()
     assert np.abs(got - expected).max() <= rel * scale
-    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.97
 
 
 def test_dropout_active_only_when_not_deterministic(saved):
