@@ -321,7 +321,7 @@ def make_staging_dir(parent: str, prefix: str) -> str:
     return path
 
 
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
     """write(tmp) then rename tmp to path, so a crash never leaves a half-written file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
@@ -352,8 +352,8 @@ def _remove_other_weights(directory: str, keep: str) -> None:
 def save_transformers(model: Any, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     tensors = transformers_state_dict(model)
-    _write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
-    _write_atomically(os.path.join(directory, SAFETENSORS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
+    write_atomically(os.path.join(directory, SAFETENSORS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     _remove_other_weights(directory, SAFETENSORS)
 
 
@@ -386,7 +386,7 @@ def save_flax(model: Any, directory: str) -> None:
             os.replace(os.path.join(staging, FLAX_PARAMS), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
+    write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
     _remove_other_weights(directory, FLAX_PARAMS)
 
 

@@ -10,6 +10,7 @@ from ettin_jax.modeling import (
     ModernBertDecoderModel,
     SequenceClassifierOutput,
 )
+from ettin_jax.pipelines import pipeline
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "ModernBertDecoderForSequenceClassification",
     "ModernBertDecoderModel",
     "SequenceClassifierOutput",
+    "pipeline",
 ]

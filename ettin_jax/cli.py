@@ -80,6 +80,137 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        num_return_sequences=args.num_return_sequences, seed=args.seed,
+    )  # fmt: skip
+
+
+def _read_prompts(path: str) -> list[str]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            return [line.rstrip("\n") for line in f if line.strip()]
+        prompts = []
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CommandError(f"{path}:{number}: not valid JSON ({e})") from None
+            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                raise CommandError(f'{path}:{number}: expected a string or an object with "prompt" or "text"')
+            prompts.append(text)
+        return prompts
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    import json
+
+    from ettin_jax.convert.checkpoint import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    write_atomically(path, write)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from ettin_jax.pipelines import pipeline
+
+    if args.output_file and not args.input_file:
+        raise CommandError("--output-file needs --input-file")
+    generator = pipeline("text-generation", model=args.model, dtype=args.dtype)
+    kwargs = _sampling_kwargs(args)
+    if args.input_file:
+        prompts = _read_prompts(args.input_file)
+        if not prompts:
+            raise CommandError(f"{args.input_file} holds no prompts")
+    else:
+        prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not prompts:
+            raise CommandError("no prompt: pass PROMPT arguments, --input-file, or lines on stdin")
+    if not args.input_file and len(prompts) == 1 and args.num_return_sequences == 1:
+        # One prompt at a terminal: show tokens as they are made.
+        sys.stdout.write(prompts[0])
+        for piece in generator.stream(prompts[0], **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    from tqdm.auto import tqdm
+
+    # Similar lengths batch together (less padding); results go back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[dict]] = [[] for _ in prompts]
+    new_tokens = 0
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), unit="prompt", disable=not args.input_file) as bar:
+        for first in range(0, len(order), args.batch_size):
+            chunk = order[first : first + args.batch_size]
+            outputs = generator([prompts[i] for i in chunk], batch_size=args.batch_size, **kwargs)
+            for i, output in zip(chunk, outputs, strict=True):
+                results[i] = output
+                new_tokens += sum(
+                    len(
+                        generator.tokenizer(o["generated_text"][len(prompts[i]) :], add_special_tokens=False)[
+                            "input_ids"
+                        ]
+                    )
+                    for o in output
+                )
+            bar.update(len(chunk))
+    seconds = time.perf_counter() - start
+    if args.output_file:
+        _write_jsonl(
+            args.output_file,
+            [
+                {
+                    "prompt": p,
+                    "generated_text": [o["generated_text"] for o in r] if len(r) > 1 else r[0]["generated_text"],
+                }
+                for p, r in zip(prompts, results, strict=True)
+            ],
+        )
+        print(f"wrote {len(prompts)} results to {args.output_file}", file=sys.stderr)
+    else:
+        for output in results:
+            for o in output:
+                print(o["generated_text"])
+    print(
+        f"{len(prompts)} prompts, {new_tokens} new tokens in {seconds:.1f} s: {new_tokens / seconds:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from ettin_jax.pipelines import pipeline
+
+    pipe = pipeline(args.task, model=args.model, dtype=args.dtype)
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if args.task == "text-generation":
+            print(pipe(text, max_new_tokens=args.max_new_tokens)[0]["generated_text"])
+        else:
+            print(json.dumps(pipe(text)[0]))
+        sys.stdout.flush()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ettin-jax", description="ModernBERT Decoder (Ettin) in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.set_defaults(run=_convert)
+
+    model_help = "a directory or a Hub id (default: the embedded tiny random model, see README)"
+    generate = commands.add_parser("generate", help="sample text", description="Sample text from a causal LM.")
+    generate.add_argument("prompt", nargs="*", help="prompts (default: one per line of stdin)")
+    generate.add_argument("--model", help=model_help)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--min-p", type=float)
+    generate.add_argument("--repetition-penalty", type=float)
+    generate.add_argument("--num-return-sequences", type=int, default=1)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=16)
+    generate.add_argument("--dtype", choices=DTYPES, default="float32")
+    generate.add_argument("--input-file", help='prompts: .txt (one a line) or .jsonl ({"prompt": ...})')
+    generate.add_argument("--output-file", help="results as .jsonl (written atomically)")
+    generate.set_defaults(run=_generate)
+
+    run = commands.add_parser("run", help="a pipeline over stdin, like `transformers run`")
+    run.add_argument("--task", required=True, choices=("text-generation", "text-classification"))
+    run.add_argument("--model", help=model_help)
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--dtype", choices=DTYPES, default="float32")
+    run.set_defaults(run=_run)
     return parser
 
 
@@ -108,10 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ettin_jax.config import ConfigError
     from ettin_jax.convert import CheckpointError, CheckpointFormatError
+    from ettin_jax.generation import GenerationError
 
     try:
         return args.run(args)
-    except (CommandError, ConfigError, CheckpointError, CheckpointFormatError, OSError) as e:
+    except (CommandError, ConfigError, CheckpointError, CheckpointFormatError, GenerationError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,154 @@
+"""`pipeline("text-generation" | "text-classification", model=...)`, as in transformers.
+
+The tokenizer comes from the model directory through transformers' `AutoTokenizer`. Ettin was
+trained with BOS (`[CLS]`, 50281) at the start of every sample, so every prompt is made to
+start with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
+
+TASKS = ("text-generation", "text-classification")
+
+
+def _load_tokenizer(directory: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # transformers raises several types for a missing tokenizer
+        raise OSError(f"no tokenizer could be loaded from {directory}: {e}") from e
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
+class TextGenerationPipeline:
+    def __init__(self, model: ModernBertDecoderForCausalLM, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+        self.bos = model.config.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        # The tokenizer's own template may append EOS ([SEP]); a prompt must not end with it.
+        return with_bos(self.tokenizer(text, add_special_tokens=False)["input_ids"], self.bos)
+
+    def __call__(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        batch_size: int = 16,
+        return_full_text: bool = True,
+        **generate_kwargs: Any,
+    ) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+        """A string gives [{"generated_text": ...}] (one per return sequence); a list of
+        strings gives one such list per string."""
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        n = generate_kwargs.get("num_return_sequences", 1)
+        results: list[list[dict[str, str]]] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            prompts = [self.encode(text) for text in chunk]
+            out = self.model.generate(prompts, **generate_kwargs)
+            width = max(map(len, prompts))
+            for i, text in enumerate(chunk):
+                records = []
+                for row in out[i * n : (i + 1) * n, width:]:
+                    tokens = self.new_tokens(row)
+                    record: dict[str, Any] = {
+                        "generated_text": (text if return_full_text else "")
+                        + self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    }
+                    if return_tensors:
+                        record["generated_token_ids"] = tokens
+                    records.append(record)
+                results.append(records)
+        return results[0] if single else results
+
+    def stream(self, text: str, **generate_kwargs: Any) -> Iterator[str]:
+        """Yields the completion of one prompt piece by piece as tokens are made."""
+        tokens: list[int] = []
+        shown = ""
+        for step in self.model.generate_stream([self.encode(text)], **generate_kwargs):
+            token = int(step[0])
+            if token in self.model.config.eos_token_ids:
+                break
+            tokens.append(token)
+            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            # Hold back a trailing partial UTF-8 character until its other bytes arrive.
+            if decoded.endswith("\ufffd"):
+                continue
+            yield decoded[len(shown) :]
+            shown = decoded
+
+
+class TextClassificationPipeline:
+    def __init__(self, model: ModernBertDecoderForSequenceClassification, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+        self.bos = model.config.bos_token_id
+        self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, L) probabilities: sigmoid for multi-label or single-output models, else softmax."""
+        rows = [with_bos(self.tokenizer(t)["input_ids"], self.bos) for t in texts]
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.pad, np.int32)
+        mask = np.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        logits = self.model(ids, attention_mask=mask).logits.astype(jnp.float32)
+        config = self.model.config
+        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            return np.asarray(jax.nn.sigmoid(logits))
+        return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+    def __call__(self, inputs: str | Sequence[str], *, batch_size: int = 16) -> list[dict[str, Any]]:
+        """[{"label": ..., "score": ...}], one per input: the most likely label."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        labels = self.model.config.id2label
+        out = []
+        for start in range(0, len(texts), batch_size):
+            for probs in self.scores(texts[start : start + batch_size]):
+                best = int(np.argmax(probs))
+                out.append({"label": labels[best], "score": float(probs[best])})
+        return out
+
+
+def pipeline(
+    task: str,
+    model: str | os.PathLike | Any | None = None,
+    *,
+    tokenizer: Any = None,
+    dtype: Any = jnp.float32,
+    **kwargs: Any,
+) -> TextGenerationPipeline | TextClassificationPipeline:
+    """`model`: a directory, a Hub id, a loaded ettin-jax model (then pass `tokenizer`), or None
+    for the embedded default (see `ettin_jax.default_model`). Extra keyword arguments go to
+    `from_pretrained` (e.g. `num_labels`)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; ettin-jax pipelines: {', '.join(TASKS)}")
+    cls = ModernBertDecoderForCausalLM if task == "text-generation" else ModernBertDecoderForSequenceClassification
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from ettin_jax import default_model
+        from ettin_jax.convert import resolve
+
+        directory = default_model.path() if model is None else resolve(model, kwargs.pop("revision", None))
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(directory)
+        model = cls.from_pretrained(directory, dtype=dtype, param_dtype=dtype, **kwargs)
+    elif not isinstance(model, cls):
+        raise TypeError(f"task {task!r} needs a {cls.__name__}, got {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= with a loaded model")
+    if task == "text-generation":
+        return TextGenerationPipeline(model, tokenizer)
+    return TextClassificationPipeline(model, tokenizer)
