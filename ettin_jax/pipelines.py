@@ -42,16 +42,26 @@ class TextGenerationPipeline:
         # The tokenizer's own template may append EOS ([SEP]); a prompt must not end with it.
         return with_bos(self.tokenizer(text, add_special_tokens=False)["input_ids"], self.bos)
 
+    def new_tokens(self, row: np.ndarray) -> list[int]:
+        """A row of generated ids up to and including the first EOS (the rest is padding)."""
+        ids = row.tolist()
+        for i, token in enumerate(ids):
+            if token in self.model.config.eos_token_ids:
+                return ids[: i + 1]
+        return ids
+
     def __call__(
         self,
         inputs: str | Sequence[str],
         *,
         batch_size: int = 16,
         return_full_text: bool = True,
+        return_tensors: bool = False,
         **generate_kwargs: Any,
-    ) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """A string gives [{"generated_text": ...}] (one per return sequence); a list of
-        strings gives one such list per string."""
+        strings gives one such list per string. `return_tensors=True` adds
+        "generated_token_ids", the new tokens."""
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         n = generate_kwargs.get("num_return_sequences", 1)
