@@ -157,17 +157,10 @@ def _generate(args: argparse.Namespace) -> int:
     with tqdm(total=len(prompts), unit="prompt", disable=not args.input_file) as bar:
         for first in range(0, len(order), args.batch_size):
             chunk = order[first : first + args.batch_size]
-            outputs = generator([prompts[i] for i in chunk], batch_size=args.batch_size, **kwargs)
+            outputs = generator([prompts[i] for i in chunk], batch_size=args.batch_size, return_tensors=True, **kwargs)
             for i, output in zip(chunk, outputs, strict=True):
-                results[i] = output
-                new_tokens += sum(
-                    len(
-                        generator.tokenizer(o["generated_text"][len(prompts[i]) :], add_special_tokens=False)[
-                            "input_ids"
-                        ]
-                    )
-                    for o in output
-                )
+                results[i] = [{"generated_text": o["generated_text"]} for o in output]
+                new_tokens += sum(len(o["generated_token_ids"]) for o in output)
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
     if args.output_file:
