@@ -90,22 +90,25 @@ def prompts_from(input_ids: Any, attention_mask: Any) -> list[list[int]]:
 
 
 # ---- the jitted pieces --------------------------------------------------------------------
-def _prefill(model: Any, ids: Array, valid: Array, cache_length: int) -> tuple[Array, Array, tuple[LayerCache, ...]]:
-    """Logits (B, V) float32 for the first new token, each row's next position, and caches."""
+def _prefill(
+    model: Any, ids: Array, valid: Array, cache_length: int, kernel: Array
+) -> tuple[Array, Array, tuple[LayerCache, ...]]:
+    """Logits (B, V) float32 for the first new token, each row's next position, and caches.
+    `kernel` is `model.output_kernel()`, taken once per generation."""
     positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, -1).astype(jnp.int32)
     caches = model.model.init_cache(ids.shape[0], cache_length)
     hidden, caches = model.model.forward_cached(ids, positions, caches, 0)
     # Left padding puts every row's last real token in the last column.
-    logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    logits = model.logits(hidden[:, -1:], kernel)[:, 0].astype(jnp.float32)
     return logits, positions[:, -1] + 1, caches
 
 
 def _step(
-    model: Any, tokens: Array, positions: Array, caches: tuple[LayerCache, ...], index: Array
+    model: Any, tokens: Array, positions: Array, caches: tuple[LayerCache, ...], index: Array, kernel: Array
 ) -> tuple[Array, tuple[LayerCache, ...]]:
     """Feeds one token per row (at sequence `index`); returns the next logits (B, V) float32."""
     hidden, caches = model.model.forward_cached(tokens[:, None], positions[:, None], caches, index)
-    return model.logits(hidden)[:, 0].astype(jnp.float32), caches
+    return model.logits(hidden, kernel)[:, 0].astype(jnp.float32), caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +141,8 @@ def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, val
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
     batch, prompt_length = ids.shape
-    logits, positions, caches = _prefill(model, ids, valid, prompt_length + static.new_bucket)
+    kernel = model.output_kernel()
+    logits, positions, caches = _prefill(model, ids, valid, prompt_length + static.new_bucket, kernel)
     vocab = logits.shape[-1]
     seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].max(valid)
     out = jnp.full((batch, static.new_bucket), static.pad_id, jnp.int32)
@@ -152,7 +156,7 @@ def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, val
         tokens = _choose_next(logits, seen, step, min_new, key, values, static)
         tokens, done, seen = _finish(tokens, done, seen, static)
         out = jax.lax.dynamic_update_slice_in_dim(out, tokens[:, None], step, axis=1)
-        logits, caches = _step(model, tokens, positions, caches, prompt_length + step)
+        logits, caches = _step(model, tokens, positions, caches, prompt_length + step, kernel)
         return step + 1, out, done, seen, logits, positions + 1, caches
 
     carry = (jnp.int32(0), out, ~active, seen, logits, positions, caches)
@@ -163,18 +167,34 @@ def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, val
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"))
 def _prefill_program(graphdef, state, ids, valid, *, cache_length: int):
     TRACE_COUNT["prefill"] += 1
-    return _prefill(nnx.merge(graphdef, state), ids, valid, cache_length)
+    model = nnx.merge(graphdef, state)
+    kernel = model.output_kernel()
+    return (*_prefill(model, ids, valid, cache_length, kernel), kernel)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("caches",))
 def _stream_program(
-    graphdef, state, logits, seen, done, positions, caches, index, step, min_new, values, key, *, static: _Static
+    graphdef,
+    state,
+    kernel,
+    logits,
+    seen,
+    done,
+    positions,
+    caches,
+    index,
+    step,
+    min_new,
+    values,
+    key,
+    *,
+    static: _Static,
 ):
     TRACE_COUNT["step"] += 1
     model = nnx.merge(graphdef, state)
     tokens = _choose_next(logits, seen, step, min_new, key, values, static)
     tokens, done, seen = _finish(tokens, done, seen, static)
-    logits, caches = _step(model, tokens, positions, caches, index)
+    logits, caches = _step(model, tokens, positions, caches, index, kernel)
     return tokens, logits, seen, done, positions + 1, caches
 
 
@@ -304,7 +324,7 @@ def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kw
     batch, static = request.batch, request.static
     graphdef, state = nnx.split(model)
     prompt_length = batch.ids.shape[1]
-    logits, positions, caches = _prefill_program(
+    logits, positions, caches, kernel = _prefill_program(
         graphdef, state, batch.ids, batch.valid, cache_length=prompt_length + static.new_bucket
     )
     ids = jnp.asarray(batch.ids)
@@ -313,7 +333,7 @@ def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kw
     values, key = request.sampling.values(), jax.random.key(request.seed)
     for step in range(request.max_new):
         tokens, logits, seen, done, positions, caches = _stream_program(
-            graphdef, state, logits, seen, done, positions, caches, jnp.int32(prompt_length + step), jnp.int32(step),
+            graphdef, state, kernel, logits, seen, done, positions, caches, jnp.int32(prompt_length + step), jnp.int32(step),
             jnp.int32(request.min_new), values, key, static=static,
         )  # fmt: skip
         yield np.asarray(tokens)[: batch.rows]

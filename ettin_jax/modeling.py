@@ -112,18 +112,25 @@ def make_attention_mask(q_positions: Array, kv_positions: Array, kv_valid: Array
 
 
 def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array, dropout: nnx.Dropout | None, deterministic: bool
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    dropout: nnx.Dropout | None,
+    deterministic: bool,
+    kv_layout: str = "BSNH",
 ) -> Array:
-    """Dense masked attention. q (B, T, N, H), k and v (B, S, N, H), mask (B, 1, T, S).
+    """Dense masked attention. q (B, T, N, H); k and v (B, S, N, H), or (B, N, S, H) with
+    kv_layout="BNSH" (the cache's layout); mask (B, 1, T, S). Returns (B, T, N, H).
 
     Scores and softmax in float32, probabilities cast back to v's dtype, as transformers does."""
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"BTNH,{kv_layout}->BNTS", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs, deterministic=deterministic)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return jnp.einsum(f"BNTS,{kv_layout}->BTNH", probs, v)
 
 
 @flax.struct.dataclass
@@ -131,31 +138,41 @@ class LayerCache:
     """One layer's keys and values for decoding. A global layer holds a slot for every position
     up to the cache length; a sliding layer holds a ring of `sliding_window` slots, a third of
     the memory at long context. `positions` is the absolute position of the token in each slot
-    (-1: empty or padding); masks are built from it, never from slot indices."""
+    (-1: empty or padding); masks are built from it, never from slot indices.
 
-    k: Array  # (B, S, N, H)
-    v: Array  # (B, S, N, H)
+    Keys and values are stored heads-first, (B, N, S, H): the layout both attention products
+    read directly. A (B, S, N, H) cache costs XLA a transposed copy of it at every step."""
+
+    k: Array  # (B, N, S, H)
+    v: Array  # (B, N, S, H)
     positions: Array  # (B, S) int32
 
     @classmethod
     def empty(cls, batch: int, slots: int, num_heads: int, head_dim: int, dtype: DType) -> LayerCache:
-        kv = jnp.zeros((batch, slots, num_heads, head_dim), dtype)
-        return cls(k=kv, v=kv, positions=jnp.full((batch, slots), -1, jnp.int32))
+        shape = (batch, num_heads, slots, head_dim)
+        # Separate buffers: aliased k and v would make XLA copy them to update either in place.
+        return cls(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), positions=jnp.full((batch, slots), -1, jnp.int32)
+        )
 
     def write(self, k: Array, v: Array, positions: Array, index: Array | int) -> LayerCache:
-        """Stores T new tokens that sit at sequence indices index .. index + T - 1: slot
-        index % S, so a ring keeps the newest S tokens."""
-        slots, length = self.k.shape[1], k.shape[1]
+        """Stores T new tokens (k, v: (B, T, N, H)) that sit at sequence indices
+        index .. index + T - 1: slot index % S, so a ring keeps the newest S tokens."""
+        slots, length = self.k.shape[2], k.shape[1]
+        k, v = k.transpose(0, 2, 1, 3).astype(self.k.dtype), v.transpose(0, 2, 1, 3).astype(self.v.dtype)
         if length == 1:
             slot = jnp.asarray(index, jnp.int32) % slots
-            update = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=1)
-            return LayerCache(update(self.k, k), update(self.v, v), update(self.positions, positions))
+            return LayerCache(
+                jax.lax.dynamic_update_slice_in_dim(self.k, k, slot, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(self.v, v, slot, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(self.positions, positions, slot, axis=1),
+            )
         if length > slots:  # only the newest `slots` tokens survive in a ring
-            k, v, positions = k[:, -slots:], v[:, -slots:], positions[:, -slots:]
+            k, v, positions = k[:, :, -slots:], v[:, :, -slots:], positions[:, -slots:]
             index, length = index + length - slots, slots
         where = (index + jnp.arange(length)) % slots
         return LayerCache(
-            self.k.at[:, where].set(k), self.v.at[:, where].set(v), self.positions.at[:, where].set(positions)
+            self.k.at[:, :, where].set(k), self.v.at[:, :, where].set(v), self.positions.at[:, where].set(positions)
         )
 
     def mask(self, q_positions: Array, window: int | None) -> Array:
@@ -254,11 +271,12 @@ class Attention(nnx.Module):
         stored at sequence `index`; a single token (mask None) then attends over the cache,
         several tokens (a prefill into an empty cache) over themselves under `mask`."""
         q, k, v = self.qkv(x, cos, sin)
+        layout = "BSNH"
         if cache is not None:
             cache = cache.write(k, v, positions, index)
             if mask is None:
-                k, v, mask = cache.k, cache.v, cache.mask(positions, self.window)
-        out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic)  # (B, T, N, H)
+                k, v, mask, layout = cache.k, cache.v, cache.mask(positions, self.window), "BNSH"
+        out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic, layout)  # (B, T, N, H)
         out = self.Wo(out.reshape(*x.shape[:2], -1))
         return _drop(self.out_drop, out, deterministic), cache
 
@@ -461,11 +479,9 @@ class LMDecoder(nnx.Module):
         )  # fmt: skip
         self.bias = nnx.data(nnx.Param(jnp.zeros((c.vocab_size,), make.param_dtype)) if c.decoder_bias else None)
 
-    def __call__(self, x: Array, embedding: Array) -> Array:
-        if self.kernel is None:
-            logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(self.dtype))
-        else:
-            logits = jnp.einsum("BTD,DV->BTV", x, self.kernel[...].astype(self.dtype))
+    def __call__(self, x: Array, kernel: Array) -> Array:
+        """x (B, T, D) and the (D, V) kernel from `ModernBertDecoderForCausalLM.output_kernel`."""
+        logits = jnp.einsum("BTD,DV->BTV", x, kernel.astype(self.dtype))
         if self.bias is not None:
             logits = logits + self.bias[...].astype(self.dtype)
         return logits
@@ -499,9 +515,17 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
 
         return generate_stream(self, input_ids, attention_mask, **kwargs)
 
-    def logits(self, hidden: Array) -> Array:
+    def output_kernel(self) -> Array:
+        """The (D, V) vocabulary projection: the decoder's own kernel, or the transposed
+        embedding when tied. Generation takes it once, before its decode loop: on CPU a
+        (V, D) operand costs XLA a transpose of the whole matrix at every step."""
+        if self.decoder.kernel is not None:
+            return self.decoder.kernel[...]
+        return self.model.embeddings.tok_embeddings.embedding[...].T
+
+    def logits(self, hidden: Array, kernel: Array | None = None) -> Array:
         """(B, T, D) final hidden states -> (B, T, V) logits."""
-        return self.decoder(self.lm_head(hidden), self.model.embeddings.tok_embeddings.embedding[...])
+        return self.decoder(self.lm_head(hidden), self.output_kernel() if kernel is None else kernel)
 
     def __call__(
         self,

@@ -83,7 +83,8 @@ def test_cache_logits_equal_full_forward_at_every_step(pair):
     prompts = [PROMPT_LONG, PROMPT_SHORT]
     full = model.generate(*left_padded(prompts), max_new_tokens=12, eos_token_id=[])
     batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
-    logits, positions, caches = generation._prefill(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64)
+    kernel = model.output_kernel()
+    logits, positions, caches = generation._prefill(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64, kernel)
     offset = batch.ids.shape[1] - batch.width
     width = batch.width
     for step in range(12):
@@ -93,14 +94,14 @@ def test_cache_logits_equal_full_forward_at_every_step(pair):
         expected = np.asarray(model(so_far, attention_mask=valid).logits[:, -1])
         np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, err_msg=f"step {step}")
         token = jnp.asarray(full[:, width + step], jnp.int32)
-        logits, caches = generation._step(model, token, positions, caches, batch.ids.shape[1] + step)
+        logits, caches = generation._step(model, token, positions, caches, batch.ids.shape[1] + step, kernel)
         positions = positions + 1
 
 
 def test_sliding_cache_is_a_ring_of_window_slots(pair):
     _, model = pair
     caches = model.model.init_cache(2, 64)
-    slots = [c.k.shape[1] for c in caches]
+    slots = [c.k.shape[2] for c in caches]  # (B, N, S, H)
     assert slots == [64 if kind == "full_attention" else 4 for kind in model.config.layer_types]
 
 
