@@ -19,3 +19,18 @@ def saved(tmp_path):
         return model, str(directory)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def default_home(tmp_path_factory):
+    """ETTIN_JAX_HOME in a temporary directory, so the default model is built fresh, once."""
+    import os
+
+    home = str(tmp_path_factory.mktemp("ettin-home"))
+    old = os.environ.get("ETTIN_JAX_HOME")
+    os.environ["ETTIN_JAX_HOME"] = home
+    yield home
+    if old is None:
+        del os.environ["ETTIN_JAX_HOME"]
+    else:
+        os.environ["ETTIN_JAX_HOME"] = old

@@ -101,3 +101,76 @@ def test_usage_errors(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+# ---- generate and run ---------------------------------------------------------------------
+def run_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    script = shutil.which("ettin-jax") or os.path.join(os.path.dirname(sys.executable), "ettin-jax")
+    return subprocess.run([script, *args], input=stdin, capture_output=True, text=True, check=False)
+
+
+def test_generate_one_prompt_streams_to_stdout(default_home, capsys):
+    assert main(["generate", "Hello", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and out.endswith("\n")
+
+
+def test_generate_reads_stdin(default_home):
+    result = run_cli(["generate", "--max-new-tokens", "4"], stdin="first\nsecond line\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("first") and lines[-1].startswith("second line")
+    assert "2 prompts," in result.stderr and "tokens/s" in result.stderr
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_generate_batch_file(default_home, work, capsys, suffix):
+    prompts = ["a long prompt goes first", "b", "medium one", "c"]
+    source = work / f"prompts{suffix}"
+    if suffix == ".jsonl":
+        source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    else:
+        source.write_text("\n".join(prompts) + "\n")
+    target = work / "out.jsonl"
+    args = ["generate", "--input-file", str(source), "--output-file", str(target), "--max-new-tokens", "5"]
+    assert main([*args, "--batch-size", "2"]) == 0
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts  # input order, though batched by length
+    assert all(r["generated_text"].startswith(r["prompt"]) for r in records)
+    assert "4 prompts, 20 new tokens" in capsys.readouterr().err
+    # The same prompts one batch at a time give the same greedy text.
+    assert main([*args, "--batch-size", "4", "--output-file", str(work / "again.jsonl")]) == 0
+    assert (work / "again.jsonl").read_text() == target.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "content", "message"),
+    [
+        (["--output-file", "x.jsonl", "p"], None, "--output-file needs --input-file"),
+        (["--input-file", "{file}"], "", "holds no prompts"),
+        (["--input-file", "{file}"], '{"prompt": "ok"}\nnot json\n', ":2: not valid JSON"),
+        (["--input-file", "{file}"], '{"other": 1}\n', 'expected a string or an object with "prompt"'),
+        (["p", "--temperature", "0", "--do-sample"], None, "temperature must be > 0"),
+    ],
+)
+def test_generate_errors(default_home, work, capsys, args, content, message):
+    file = work / "in.jsonl"
+    if content is not None:
+        file.write_text(content)
+    assert main(["generate", *[a.replace("{file}", str(file)) for a in args]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_text_generation_and_classification(default_home):
+    result = run_cli(["run", "--task", "text-generation", "--max-new-tokens", "3"], stdin="one\ntwo\n")
+    assert result.returncode == 0, result.stderr
+    assert [line[:3] for line in result.stdout.splitlines()] == ["one", "two"]
+    result = run_cli(["run", "--task", "text-classification"], stdin="good\n")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["label"] in ("LABEL_0", "LABEL_1") and 0.5 <= record["score"] <= 1.0
+
+
+def test_run_unknown_task(default_home):
+    result = run_cli(["run", "--task", "summarization"])
+    assert result.returncode == 2 and "invalid choice: 'summarization'" in result.stderr

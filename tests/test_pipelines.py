@@ -1,0 +1,101 @@
+"""Pipelines: text generation and classification with tokenizers from the model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ettin_jax as ej
+from ettin_jax import default_model
+
+
+@pytest.fixture(scope="module")
+def generator(default_home):
+    return ej.pipeline("text-generation")
+
+
+def test_default_model_is_built_deterministically(default_home, tmp_path, monkeypatch):
+    first = default_model.path()
+    monkeypatch.setenv("ETTIN_JAX_HOME", str(tmp_path))
+    second = default_model.path()
+    assert first != second
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert Path(first, name).read_bytes() == Path(second, name).read_bytes(), name
+
+
+def test_prompts_start_with_bos(generator):
+    bos = generator.model.config.bos_token_id
+    assert generator.encode("hello")[0] == bos
+    assert generator.encode("hello")[1:] == generator.tokenizer("hello", add_special_tokens=False)["input_ids"]
+
+
+def test_generation_shapes_and_text(generator):
+    single = generator("The cat", max_new_tokens=6)
+    assert len(single) == 1 and single[0]["generated_text"].startswith("The cat")
+    batch = generator(["a", "longer prompt"], max_new_tokens=4, do_sample=True, num_return_sequences=2, top_k=20)
+    assert [len(rows) for rows in batch] == [2, 2]
+    assert all(r["generated_text"].startswith("longer prompt") for r in batch[1])
+
+
+def test_generated_text_decodes_the_generated_tokens(generator):
+    ids = generator.encode("Once")
+    tokens = generator.model.generate([ids], max_new_tokens=8)[0, len(ids) :]
+    expected = "Once" + generator.tokenizer.decode(generator.new_tokens(tokens), skip_special_tokens=True)
+    record = generator("Once", max_new_tokens=8, return_tensors=True)[0]
+    assert record["generated_text"] == expected
+    assert record["generated_token_ids"] == generator.new_tokens(tokens)
+    assert generator("Once", max_new_tokens=8, return_full_text=False)[0]["generated_text"] == expected[4:]
+
+
+def test_stream_pieces_add_up_to_the_completion(generator):
+    full = generator("Hi there", max_new_tokens=10)[0]["generated_text"]
+    pieces = list(generator.stream("Hi there", max_new_tokens=10))
+    streamed = "Hi there" + "".join(pieces)
+    # Only a trailing incomplete UTF-8 character (random bytes from the tiny model) is held back.
+    assert len(pieces) > 1 and full.startswith(streamed)
+    assert set(full[len(streamed) :]) <= {"\ufffd"}
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(default_home, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clf")
+    config = transformers.ModernBertDecoderConfig(
+        **{
+            k: v for k, v in default_model.config().to_dict().items() if k not in ("model_type", "id2label", "label2id")
+        },
+        id2label={0: "neg", 1: "pos", 2: "mixed"},
+    )
+    torch.manual_seed(0)
+    model = transformers.ModernBertDecoderForSequenceClassification(config).eval()
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(default_model.path()).save_pretrained(directory)
+    return model, str(directory)
+
+
+def test_text_classification_matches_torch(classifier_dir):
+    reference, directory = classifier_dir
+    pipe = ej.pipeline("text-classification", model=directory)
+    texts = ["good", "a much longer sentence here"]
+    out = pipe(texts)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    for text, result in zip(texts, out, strict=True):
+        ids = [reference.config.bos_token_id, *tokenizer(text)["input_ids"]]
+        with torch.no_grad():
+            probs = torch.softmax(reference(torch.tensor([ids])).logits[0], -1).numpy()
+        assert result["label"] == reference.config.id2label[int(np.argmax(probs))]
+        assert abs(result["score"] - float(probs.max())) < 1e-5
+    assert pipe("good") == out[:1]
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(ValueError, match="unknown task 'summarization'; ettin-jax pipelines: text-generation"):
+        ej.pipeline("summarization")
+
+
+def test_loaded_model_needs_matching_task(generator):
+    with pytest.raises(TypeError, match="needs a ModernBertDecoderForSequenceClassification"):
+        ej.pipeline("text-classification", model=generator.model, tokenizer=generator.tokenizer)
