@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,10 +19,11 @@ def blocks() -> list[tuple[str, str]]:
 
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
-    assert [lang for lang, _ in found] == ["bash", "python", "python"]
+    assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python"]
+    env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     for lang, code in found:
         command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, env=env)
         assert result.returncode == 0, f"{lang} block failed:\n{code}\n{result.stderr[-3000:]}"
         for line in code.splitlines():
             # A printed line's comment states what it prints: check it.
@@ -29,3 +31,14 @@ def test_readme_examples_run_as_printed(tmp_path):
             if match:
                 assert match.group(1) in result.stdout, f"expected {match.group(1)!r} in {result.stdout!r}"
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+def test_readme_set_up_commands():
+    text = README.read_text()
+    set_up = text.split("## Set up")[1].split("```bash\n")[1].split("```")[0]
+    commands = [line.split("  #")[0].strip() for line in set_up.splitlines()]
+    assert commands[0] == 'pip install torch==2.13.0 && pip install -e ".[test]"'
+    assert commands[1].startswith("ettin-jax generate ")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert commands[2] in ci  # CI runs the README's test command
