@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from helpers import TINY, random_ids
 
 import ettin_jax as ej
@@ -81,20 +82,21 @@ def test_eos_stops_rows_and_pads_after_it(pair):
 def test_cache_logits_equal_full_forward_at_every_step(pair):
     _, model = pair
     prompts = [PROMPT_LONG, PROMPT_SHORT]
-    full = model.generate(*left_padded(prompts), max_new_tokens=12, eos_token_id=[])
+    steps = 12
+    full = model.generate(*left_padded(prompts), max_new_tokens=steps, eos_token_id=[])
     batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
+    width, offset = batch.width, batch.ids.shape[1] - batch.width
+    # The model is causal, so one full forward over the final tokens gives, at column t, the
+    # logits of a fresh forward over the tokens up to t.
+    valid = np.concatenate([batch.valid[:, offset:], np.ones((2, steps), bool)], axis=1)
+    expected = np.asarray(model(full, attention_mask=valid).logits)
     kernel = model.output_kernel()
     logits, positions, caches = generation._prefill(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64, kernel)
-    offset = batch.ids.shape[1] - batch.width
-    width = batch.width
-    for step in range(12):
-        # Reference: a fresh full forward over the left-padded tokens so far.
-        so_far = full[:, : width + step]
-        valid = np.concatenate([batch.valid[:, offset:], np.ones((2, step), bool)], axis=1)
-        expected = np.asarray(model(so_far, attention_mask=valid).logits[:, -1])
-        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, err_msg=f"step {step}")
+    step_fn = nnx.jit(generation._step)
+    for step in range(steps):
+        np.testing.assert_allclose(np.asarray(logits), expected[:, width - 1 + step], atol=1e-4, err_msg=f"step {step}")
         token = jnp.asarray(full[:, width + step], jnp.int32)
-        logits, caches = generation._step(model, token, positions, caches, batch.ids.shape[1] + step, kernel)
+        logits, caches = step_fn(model, token, positions, caches, jnp.int32(batch.ids.shape[1] + step), kernel)
         positions = positions + 1
 
 
