@@ -213,20 +213,22 @@ def _prepare(
     model: Any,
     input_ids: Any,
     attention_mask: Any,
-    max_new_tokens: int | None,
-    max_length: int | None,
-    min_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    min_p: float | None,
-    repetition_penalty: float | None,
-    num_return_sequences: int,
-    eos_token_id: int | Sequence[int] | None,
-    pad_token_id: int | None,
-    seed: int,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
 ) -> _Request:
+    """Checks the arguments of `generate` and prepares the batch; the defaults are generate's."""
     config = model.config
     try:
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
@@ -293,8 +295,10 @@ def generate(
     """Token ids (batch * num_return_sequences, prompt + new), prompts left-padded; rows that
     finished early are padded with `pad_token_id` after their EOS. See the module docstring."""
     request = _prepare(
-        model, input_ids, attention_mask, max_new_tokens, max_length, min_new_tokens, do_sample, temperature,
-        top_k, top_p, min_p, repetition_penalty, num_return_sequences, eos_token_id, pad_token_id, seed,
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
     )  # fmt: skip
     batch = request.batch
     graphdef, state = nnx.split(model)
@@ -311,16 +315,7 @@ def generate(
 def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's new tokens, (batch * num_return_sequences,),
     as soon as they are made (pad for rows already finished)."""
-    request = _prepare(
-        model, input_ids, attention_mask,
-        kwargs.pop("max_new_tokens", None), kwargs.pop("max_length", None), kwargs.pop("min_new_tokens", 0),
-        kwargs.pop("do_sample", False), kwargs.pop("temperature", 1.0), kwargs.pop("top_k", None),
-        kwargs.pop("top_p", None), kwargs.pop("min_p", None), kwargs.pop("repetition_penalty", None),
-        kwargs.pop("num_return_sequences", 1), kwargs.pop("eos_token_id", None), kwargs.pop("pad_token_id", None),
-        kwargs.pop("seed", 0),
-    )  # fmt: skip
-    if kwargs:
-        raise TypeError(f"generate_stream got unexpected arguments: {', '.join(sorted(kwargs))}")
+    request = _prepare(model, input_ids, attention_mask, **kwargs)
     batch, static = request.batch, request.static
     graphdef, state = nnx.split(model)
     prompt_length = batch.ids.shape[1]
