@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ettin_jax import config as config_module
 from ettin_jax.config import ModernBertDecoderConfig
 
 Array = jax.Array
@@ -80,6 +81,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+# The config validates names against its own list; both lists must name the same functions.
+assert set(ACTIVATIONS) == set(config_module.ACTIVATIONS), "modeling and config disagree on activations"
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
