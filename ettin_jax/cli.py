@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--dtype", choices=DTYPES, default="float32")
     run.set_defaults(run=_run)
+
+    from ettin_jax.train.cli import add_parser as add_train_parser
+
+    add_train_parser(commands)
     return parser
 
 
@@ -259,10 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ettin_jax.config import ConfigError
     from ettin_jax.convert import CheckpointError, CheckpointFormatError
     from ettin_jax.generation import GenerationError
+    from ettin_jax.modeling import InputError
+    from ettin_jax.train.trainer import DataError, TrainingError
 
     try:
         return args.run(args)
-    except (CommandError, ConfigError, CheckpointError, CheckpointFormatError, GenerationError, OSError) as e:
+    except (
+        CommandError, ConfigError, CheckpointError, CheckpointFormatError, GenerationError, InputError,
+        DataError, TrainingError, OSError,
+    ) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 2
 

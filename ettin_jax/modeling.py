@@ -390,6 +390,9 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         self.embeddings = Embeddings(make)
         self.layers = nnx.List([DecoderLayer(make, i) for i in range(config.num_hidden_layers)])
         self.final_norm = make.norm()
+        # Recompute each layer's activations in the backward pass instead of storing them
+        # (training only; see `ettin_jax.train`). A static attribute: part of the graphdef.
+        self.remat = False
 
     def __call__(
         self,
@@ -419,9 +422,15 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
             "full_attention": rope_tables(position_ids, c.head_dim, c.global_rope_theta),
             "sliding_attention": rope_tables(position_ids, c.head_dim, c.local_rope_theta),
         }
+
+        def run(layer: DecoderLayer, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
+            return layer(h, cos, sin, mask, deterministic)[0]
+
+        if self.remat:
+            run = nnx.remat(run)
         hidden = [h]
         for kind, layer in zip(c.layer_types, self.layers, strict=True):
-            h, _ = layer(h, *ropes[kind], masks[kind], deterministic)
+            h = run(layer, h, *ropes[kind], masks[kind])
             hidden.append(h)
         h = self.final_norm(h)
         return BaseModelOutput(

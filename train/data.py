@@ -1,0 +1,276 @@
+"""Training data: CSV, JSONL and Parquet tables, tokenized once, served as deterministic batches.
+
+Epoch e of a run with seed s visits the examples in the permutation drawn from (s, e), so the
+data position is two integers, (epoch, index of the next batch), saved in every checkpoint:
+a resumed run reads exactly the batches the uninterrupted run would have. Rows are padded to a
+few length buckets (powers of two up to the maximum length), so a run compiles its step once per
+bucket rather than once per length.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ettin_jax.modeling import IGNORE_INDEX
+from ettin_jax.pipelines import with_bos
+
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+MIN_BUCKET = 16
+
+
+class DataError(ValueError):
+    """A data file or column that cannot be used as asked; the message names it."""
+
+
+# ---- reading ------------------------------------------------------------------------------
+def read_table(path: str | os.PathLike) -> dict[str, list[Any]]:
+    """Columns of a .csv, .jsonl (or .json lines) or .parquet file, as lists."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif ext in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {number} is not JSON: {e}") from None
+                    if not isinstance(rows[-1], dict):
+                        raise DataError(f"{path} line {number} is not a JSON object")
+    elif ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path).to_pydict()
+        if not table or not len(next(iter(table.values()))):
+            raise DataError(f"data file {path} has no rows")
+        return table
+    else:
+        raise DataError(f"cannot read {path}: expected a .csv, .jsonl or .parquet file")
+    if not rows:
+        raise DataError(f"data file {path} has no rows")
+    columns: dict[str, list[Any]] = {name: [] for name in rows[0]}
+    for number, row in enumerate(rows, 1):
+        for name in columns:
+            if name not in row:
+                raise DataError(f"{path} row {number} has no {name!r} field")
+            columns[name].append(row[name])
+    return columns
+
+
+def column(table: dict[str, list[Any]], name: str, path: str) -> list[Any]:
+    if name not in table:
+        raise DataError(f"column {name!r} is not in {path}; its columns are {sorted(table)}")
+    return table[name]
+
+
+# ---- labels -------------------------------------------------------------------------------
+def _label_list(value: Any) -> list[str]:
+    """A multi-label cell: a list, a JSON list, or a comma-separated string."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        return [str(v) for v in json.loads(text)]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def infer_problem_type(values: Sequence[Any]) -> str:
+    """Lists: multi-label; non-integral numbers: regression; anything else: single-label."""
+    if any(isinstance(v, (list, tuple)) for v in values):
+        return "multi_label_classification"
+    if all(isinstance(v, float) for v in values) and any(not float(v).is_integer() for v in values):
+        return "regression"
+    return "single_label_classification"
+
+
+def label_names(values: Sequence[Any], problem_type: str) -> tuple[str, ...]:
+    """The sorted label set of a training column (numerically when every label is an integer)."""
+    if problem_type == "regression":
+        return ("LABEL_0",)
+    names = (
+        {n for v in values for n in _label_list(v)} if problem_type.startswith("multi") else {str(v) for v in values}
+    )
+    if all(n.lstrip("-").isdigit() for n in names):
+        return tuple(sorted(names, key=int))
+    return tuple(sorted(names))
+
+
+def encode_labels(
+    values: Sequence[Any], problem_type: str, names: Sequence[str], path: str, column_name: str
+) -> np.ndarray:
+    """(N,) class indices, (N, L) multi-hot floats, or (N,) floats for regression."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def lookup(name: str, row: int) -> int:
+        if name not in index:
+            shown = list(names) if len(names) <= 20 else [*names[:20], "..."]
+            raise DataError(
+                f"label {name!r} in row {row + 1} of {path} (column {column_name!r}) is not in the label set {shown}"
+            )
+        return index[name]
+
+    if problem_type == "single_label_classification":
+        return np.array([lookup(str(v), i) for i, v in enumerate(values)], np.int32)
+    if problem_type == "multi_label_classification":
+        hot = np.zeros((len(values), len(names)), np.float32)
+        for i, v in enumerate(values):
+            for name in _label_list(v):
+                hot[i, lookup(name, i)] = 1.0
+        return hot
+    out = np.empty(len(values), np.float32)
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"regression label {v!r} in row {i + 1} of {path} is not a number") from None
+        if not math.isfinite(out[i]):
+            raise DataError(f"regression label {v!r} in row {i + 1} of {path} is not finite")
+    return out
+
+
+# ---- tokenizing ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Examples:
+    """Tokenized rows: ids (N lists of int32), labels (N, ...) or None for the causal LM, and
+    how many rows were truncated to the maximum length."""
+
+    ids: list[np.ndarray]
+    labels: np.ndarray | None
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize_pairs(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int, bos: int | None
+) -> tuple[list[np.ndarray], int]:
+    """Each text (and pair) as the pipelines encode it: the tokenizer's template, BOS first.
+    Longer rows are truncated to max_length; returns the ids and how many were."""
+    texts = [str(t) for t in texts]
+    pairs = None if pairs is None else [str(p) for p in pairs]
+    encoded = tokenizer(texts, pairs)["input_ids"] if pairs else tokenizer(texts)["input_ids"]
+    out, truncated = [], 0
+    for ids in encoded:
+        ids = with_bos(list(ids), bos)
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[:max_length]
+        out.append(np.asarray(ids, np.int32))
+    return out, truncated
+
+
+def pack_blocks(tokenizer: Any, texts: Sequence[str], block_size: int, bos: int | None, eos: int | None) -> np.ndarray:
+    """Causal-LM packing as transformers' run_clm does it: every text as BOS + tokens + EOS,
+    concatenated and cut into (N, block_size) blocks; the remainder is dropped."""
+    encoded = tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for ids in encoded:
+        stream.extend(with_bos(list(ids), bos))
+        if eos is not None:
+            stream.append(eos)
+    blocks = len(stream) // block_size
+    if blocks == 0:
+        raise DataError(f"the texts hold {len(stream)} tokens, fewer than one block of {block_size}")
+    return np.asarray(stream[: blocks * block_size], np.int32).reshape(blocks, block_size)
+
+
+# ---- batching -----------------------------------------------------------------------------
+def buckets(max_length: int) -> tuple[int, ...]:
+    """Padded lengths: powers of two from MIN_BUCKET, then max_length itself."""
+    out, n = [], MIN_BUCKET
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return (*out, max_length)
+
+
+def bucket(length: int, sizes: Sequence[int]) -> int:
+    return next(s for s in sizes if s >= length)
+
+
+class Batches:
+    """Fixed-size batches of `micro_batch` rows x `grad_accum` micro-batches, stacked (K, B, T).
+
+    Training (`shuffle=True`): epoch e is the permutation of (seed, e); the last incomplete batch
+    of an epoch is dropped, so every batch has the same number of rows. Evaluation
+    (`shuffle=False`): every row once, in order; the last batch is filled with padding rows whose
+    labels are ignored, and `rows` says how many are real.
+    """
+
+    def __init__(
+        self,
+        examples: Examples,
+        micro_batch: int,
+        pad_id: int,
+        max_length: int,
+        *,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        if micro_batch < 1 or grad_accum < 1:
+            raise DataError(f"batch size and gradient accumulation must be >= 1, got {micro_batch} and {grad_accum}")
+        self.examples, self.micro_batch, self.grad_accum = examples, micro_batch, grad_accum
+        self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
+        self.sizes = buckets(max_length)
+        rows = micro_batch * grad_accum
+        if shuffle and len(examples) < rows:
+            raise DataError(
+                f"the training set has {len(examples)} examples, fewer than one batch of {rows} "
+                f"(batch size {micro_batch} x gradient accumulation {grad_accum})"
+            )
+        self.rows = rows
+        self.num_batches = len(examples) // rows if shuffle else math.ceil(len(examples) / rows)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Batch `index` of `epoch` as numpy arrays, and how many of its rows are real."""
+        order = self.order(epoch) if order is None else order
+        chosen = order[index * self.rows : (index + 1) * self.rows]
+        ids = [self.examples.ids[i] for i in chosen]
+        length = bucket(max(len(r) for r in ids), self.sizes)
+        input_ids = np.full((self.rows, length), self.pad_id, np.int32)
+        mask = np.zeros((self.rows, length), np.int32)
+        for r, row in enumerate(ids):
+            input_ids[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        if self.examples.labels is None:  # causal LM: predict the next token, not padding
+            labels = np.where(mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+        else:
+            real = self.examples.labels[chosen]
+            labels = np.zeros((self.rows, *real.shape[1:]), real.dtype)
+            if real.dtype == np.int32:
+                labels[:] = IGNORE_INDEX
+            labels[: len(real)] = real
+        k = self.grad_accum
+        stacked = {
+            "input_ids": input_ids.reshape(k, self.micro_batch, length),
+            "attention_mask": mask.reshape(k, self.micro_batch, length),
+            "labels": labels.reshape(k, self.micro_batch, *labels.shape[1:]),
+        }
+        return stacked, len(chosen)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Batches start, start + 1, ... of an epoch."""
+        order = self.order(epoch)
+        for index in range(start, self.num_batches):
+            yield self.batch(epoch, index, order)

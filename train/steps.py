@@ -1,0 +1,164 @@
+"""Pure, jitted training and evaluation steps.
+
+A `TrainState` holds the float32 master params as a nested dict (the model's `nnx.Param`
+state), the optax state, the step and an RNG key; the model's structure (`graphdef`) and the
+optimizer ride along as static fields, as in Flax's own `TrainState`. The compute dtype is the
+model's `dtype`, so a model built with `dtype=jnp.bfloat16, param_dtype=jnp.float32` trains in
+bfloat16 on float32 master weights.
+
+A batch holds `grad_accum` micro-batches stacked on a leading axis: `input_ids` and
+`attention_mask` (K, B, T) and `labels` (K, B, ...). The step sums the loss over every
+micro-batch, then divides by the number of items (tokens for the causal LM, labels for the
+classifiers), so accumulating K micro-batches gives the gradient of one batch K times larger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from ettin_jax.modeling import IGNORE_INDEX
+
+Array = jax.Array
+TASKS = ("causal_lm", "single_label_classification", "multi_label_classification", "regression")
+
+
+@struct.dataclass
+class TrainState:
+    step: Array  # optimizer updates done, int32
+    params: dict  # nested dict of float32 arrays: the model's nnx.Param state
+    opt_state: Any
+    rng: Array  # uint32[2] key; step s uses fold_in(rng, s)
+    rest: Any  # the model's other state (dropout RNG streams), reseeded every step; not saved
+    graphdef: Any = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    task: str = struct.field(pytree_node=False)
+
+    def model(self) -> nnx.Module:
+        """The NNX model with this state's params (for evaluation and export)."""
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What a checkpoint holds: everything but the static fields and the dropout streams."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+
+    def restore(self, saved: dict[str, Any]) -> TrainState:
+        return self.replace(**saved)
+
+
+def task_of(model: nnx.Module) -> str:
+    """'causal_lm' for the LM, the config's problem type for a classifier."""
+    from ettin_jax.modeling import ModernBertDecoderForCausalLM
+
+    if isinstance(model, ModernBertDecoderForCausalLM):
+        return "causal_lm"
+    kind = model.config.problem_type
+    if kind is None:
+        raise ValueError("the classifier's config has no problem_type; set it before training")
+    return kind
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        rest=rest,
+        graphdef=graphdef,
+        tx=tx,
+        task=task_of(model),
+    )
+
+
+# ---- losses as (sum, count) per row ---------------------------------------------------------
+def row_losses(task: str, logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Per-row loss sums and item counts, both (B,), in float32. The mean loss of a batch is
+    sum(sums) / sum(counts), which is transformers' loss for every task."""
+    logits = logits.astype(jnp.float32)
+    if task == "causal_lm":  # logits (B, T, V), labels (B, T); position t predicts t + 1
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.where(keep, targets, 0))
+        return jnp.sum(ce * keep, axis=1), jnp.sum(keep, axis=1).astype(jnp.float32)
+    if task == "single_label_classification":  # logits (B, L), labels (B,)
+        keep = labels != IGNORE_INDEX
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
+        return ce * keep, keep.astype(jnp.float32)
+    if task == "multi_label_classification":  # logits (B, L), labels (B, L) in {0, 1}
+        bce = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+        return jnp.sum(bce, axis=1), jnp.full(bce.shape[:1], bce.shape[1], jnp.float32)
+    if task == "regression":  # logits (B, L), labels (B, L) or (B,)
+        err = (logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).astype(jnp.float32)) ** 2
+        return jnp.sum(err, axis=1), jnp.full(err.shape[:1], err.shape[1], jnp.float32)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _forward(model: nnx.Module, batch: dict[str, Array], deterministic: bool) -> Array:
+    return model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic).logits
+
+
+def loss_sum(
+    params: dict, rest: Any, graphdef: Any, task: str, batch: dict[str, Array], rng: Array, deterministic: bool = False
+) -> tuple[Array, Array]:
+    """(summed loss, item count) of one micro-batch; differentiable in `params`."""
+    model = nnx.merge(graphdef, params, rest)
+    if not deterministic:
+        nnx.reseed(model, default=rng)
+    sums, counts = row_losses(task, _forward(model, batch, deterministic), batch["labels"])
+    return jnp.sum(sums), jnp.sum(counts)
+
+
+def gradients(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[Array, Array, dict]:
+    """Summed loss, item count and summed gradients over the K stacked micro-batches."""
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def micro(carry: tuple, inputs: tuple) -> tuple:
+        total, count, grads = carry
+        i, mb = inputs
+        (s, n), g = grad_fn(state.params, state.rest, state.graphdef, state.task, mb, jax.random.fold_in(rng, i))
+        return (total + s, count + n, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    steps = batch["input_ids"].shape[0]
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    if steps == 1:
+        carry, _ = micro(init, (0, jax.tree.map(lambda x: x[0], batch)))
+    else:
+        carry, _ = jax.lax.scan(micro, init, (jnp.arange(steps), batch))
+    return carry
+
+
+def _train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict[str, Array]]:
+    total, count, grads = gradients(state, batch, rng)
+    count = jnp.maximum(count, 1.0)  # every label ignored: loss 0, no update from the data
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "items": count}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# The state is donated: its buffers are reused for the new one.
+train_step = jax.jit(_train_step, donate_argnums=0)
+train_step.__doc__ = """train_step(state, batch, rng) -> (new state, {"loss", "grad_norm", "items"}).
+`rng` is the step's dropout key; the trainer passes fold_in(state.rng, state.step)."""
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
+    """Per-row loss sums and counts, and the logits of classifiers ((B, L)); no gradient. Takes
+    one micro-batch: `input_ids` (B, T)."""
+    model = state.model()
+    logits = _forward(model, batch, deterministic=True)
+    sums, counts = row_losses(state.task, logits, batch["labels"])
+    out = {"loss_sum": sums, "count": counts}
+    if state.task != "causal_lm":
+        out["logits"] = logits.astype(jnp.float32)
+    return out

@@ -1,0 +1,480 @@
+"""The fine-tuning loop behind `ettin-jax train classify|lm`.
+
+An output directory holds one run:
+
+    run.json        the arguments that define the run (a resume must match them)
+    checkpoints/N/  orbax checkpoints: params, optimizer state, step, RNG, data position
+    metrics.jsonl   one JSON object per logging or evaluation step
+    metrics.png     loss and metric curves
+    final/, best/   the final and the best model in transformers format, with the tokenizer
+
+Checkpoints are written asynchronously every `save_steps` and at every evaluation; the last
+`save_total_limit` and the best by `metric_for_best` are kept. SIGTERM (a pod's preemption
+notice) finishes the current step, writes a checkpoint and exits with status 143; `--resume`
+then continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+from typing import Any
+
+import numpy as np
+
+from ettin_jax.train.data import PROBLEM_TYPES, Batches, DataError, Examples
+
+log = logging.getLogger("ettin_jax.train")
+
+# Arguments that may differ between a run and its resumption; every other one must match.
+_MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "progress", "save_steps", "eval_steps", "log_steps", "save_total_limit"}
+PREEMPTED_EXIT = 143  # 128 + SIGTERM
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what was kept."""
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    task: str  # "classify" or "lm"
+    model: str
+    train_file: str
+    output_dir: str
+    eval_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    problem_type: str | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    learning_rate: float = 5e-5
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    save_steps: int = 500
+    eval_steps: int | None = None
+    save_total_limit: int = 2
+    metric_for_best: str = "eval_loss"
+    max_length: int = 512
+    block_size: int = 512
+    dtype: str = "float32"
+    remat: bool = False
+    log_steps: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classify", "lm"):
+            raise TrainingError(f"task must be 'classify' or 'lm', got {self.task!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise TrainingError(f"--problem-type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        if (self.epochs is None) == (self.max_steps is None):
+            raise TrainingError("give exactly one of --epochs and --max-steps")
+        for name in ("epochs", "max_steps", "batch_size", "grad_accum", "save_steps", "max_length", "block_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise TrainingError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.resume and self.overwrite:
+            raise TrainingError("--resume and --overwrite contradict each other; pass one")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _MAY_CHANGE_ON_RESUME}
+
+
+# ---- the output directory -----------------------------------------------------------------
+def prepare_output_dir(args: TrainArgs) -> bool:
+    """Creates or checks the output directory; True when there is a run to resume."""
+    out = args.output_dir
+    run_file = os.path.join(out, "run.json")
+    if os.path.isdir(out) and os.listdir(out):
+        if args.overwrite:
+            if not os.path.isfile(run_file):
+                raise TrainingError(
+                    f"{out} is not empty and holds no ettin-jax run (no run.json); refusing to delete it, "
+                    "choose another --output-dir"
+                )
+            shutil.rmtree(out)
+        elif not os.path.isfile(run_file):
+            raise TrainingError(f"{out} is not empty and holds no ettin-jax run (no run.json); choose another")
+        elif not args.resume:
+            raise TrainingError(f"{out} holds a run already; pass --resume to continue it or --overwrite to start over")
+        else:
+            with open(run_file, encoding="utf-8") as f:
+                saved = json.load(f)
+            ours = json.loads(json.dumps(args.identity()))
+            differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            if differ:
+                details = ", ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in differ)
+                raise TrainingError(f"{out} holds a different run; --resume needs the same arguments ({details})")
+            return True
+    os.makedirs(out, exist_ok=True)
+    _write_json(run_file, args.identity())
+    return False
+
+
+def _write_json(path: str, data: Any) -> None:
+    from ettin_jax.convert.checkpoint import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    write_atomically(path, write)
+
+
+# ---- data and model -----------------------------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+    model: Any
+    tokenizer: Any
+    train: Examples
+    eval: Examples | None
+    problem_type: str
+    label_names: tuple[str, ...]
+    pad_id: int
+
+
+def prepare(args: TrainArgs) -> Prepared:
+    """Reads and tokenizes the data, then loads the model with a head for its labels."""
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from ettin_jax.config import ModernBertDecoderConfig
+    from ettin_jax.convert import load_pretrained, resolve
+    from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
+    from ettin_jax.train import data
+
+    directory = resolve(args.model)
+    config = ModernBertDecoderConfig.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    if pad_id is None:
+        raise TrainingError(f"neither {directory}/config.json nor its tokenizer sets a pad token id")
+    bos, eos = config.bos_token_id, config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    max_length = min(args.max_length, config.max_position_embeddings)
+    dtype = jnp.dtype(args.dtype)
+
+    tables = {"train": data.read_table(args.train_file)}
+    if args.eval_file:
+        tables["eval"] = data.read_table(args.eval_file)
+    paths = {"train": args.train_file, "eval": args.eval_file}
+
+    if args.task == "lm":
+        block = min(args.block_size, config.max_position_embeddings)
+        examples = {
+            split: Examples(
+                ids=list(data.pack_blocks(tokenizer, data.column(t, args.text_column, paths[split]), block, bos, eos)),
+                labels=None,
+            )
+            for split, t in tables.items()
+        }
+        model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed)
+        return Prepared(model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id)
+
+    train_labels = data.column(tables["train"], args.label_column, args.train_file)
+    kind = args.problem_type or data.infer_problem_type(train_labels)
+    names = _label_set(config, directory, kind, train_labels)
+    examples = {}
+    for split, t in tables.items():
+        texts = data.column(t, args.text_column, paths[split])
+        pairs = data.column(t, args.text_pair_column, paths[split]) if args.text_pair_column else None
+        values = data.column(t, args.label_column, paths[split])
+        ids, truncated = data.tokenize_pairs(tokenizer, texts, pairs, max_length, bos)
+        labels = data.encode_labels(values, kind, names, paths[split], args.label_column)
+        examples[split] = Examples(ids, labels, truncated)
+        if truncated:
+            log.warning(
+                "%d of %d %s texts were longer than --max-length %d tokens and were truncated",
+                truncated, len(ids), split, max_length,
+            )  # fmt: skip
+    model = load_pretrained(
+        ModernBertDecoderForSequenceClassification,
+        directory,
+        dtype=dtype,
+        seed=args.seed,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        problem_type=kind,
+        pad_token_id=pad_id,
+    )
+    return Prepared(model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id)
+
+
+def _label_set(config: Any, directory: str, kind: str, values: list[Any]) -> tuple[str, ...]:
+    """The checkpoint's own labels when it is a classifier for this problem with named labels,
+    else the training column's."""
+    from ettin_jax.train.data import label_names
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    named = not all(n == f"LABEL_{i}" for i, n in enumerate(config.label_names))
+    if "ModernBertDecoderForSequenceClassification" in architectures and named and config.problem_type == kind:
+        return tuple(config.label_names)
+    return label_names(values, kind)
+
+
+# ---- the loop -----------------------------------------------------------------------------
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after every step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = None) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run; returns a summary. `on_step(step, metrics)`, if
+    given, is called after every step (tests use it to stop a run part-way)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    from ettin_jax.train import metrics
+    from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+    from ettin_jax.train.steps import create_train_state, train_step
+
+    resuming = prepare_output_dir(args)
+    prepared = prepared or prepare(args)
+    out = os.path.abspath(args.output_dir)
+    train_batches = Batches(
+        prepared.train, args.batch_size, prepared.pad_id, args.max_length if args.task == "classify" else args.block_size,
+        grad_accum=args.grad_accum, seed=args.seed, shuffle=True,
+    )  # fmt: skip
+    total = args.max_steps or args.epochs * train_batches.num_batches
+    opt = OptimizerConfig(
+        learning_rate=args.learning_rate,
+        schedule=args.schedule,
+        warmup_steps=math.ceil(args.warmup_ratio * total),
+        total_steps=total,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+    )
+    schedule = learning_rate_schedule(opt)
+    model = prepared.model
+    model.model.remat = args.remat
+    state = create_train_state(model, make_optimizer(opt), args.seed)
+
+    greater = metrics.greater_is_better(args.metric_for_best)
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+            ocp.checkpoint_managers.LatestN(n=args.save_total_limit),
+            ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m[args.metric_for_best],
+                reverse=not greater,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    manager = ocp.CheckpointManager(
+        os.path.join(out, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True),
+    )
+    position = {"epoch": 0, "index": 0}
+    best: dict[str, Any] = {"step": None, "value": None}
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    start = 0
+    if resuming and manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint())
+        restored = manager.restore(
+            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), trainer=ocp.args.JsonRestore())
+        )
+        state = state.restore(restored["state"])
+        position, best = restored["trainer"]["position"], restored["trainer"]["best"]
+        log.info("resumed from step %d (epoch %d, batch %d)", start, position["epoch"], position["index"])
+    elif resuming:
+        log.info("--resume: %s has no checkpoint yet; starting from step 0", out)
+    # The metrics file tells one run's story: drop what a killed run logged after its checkpoint.
+    kept = [r for r in metrics.read_metrics(metrics_path) if r["step"] <= start] if os.path.exists(metrics_path) else []
+    _write_lines(metrics_path, kept)
+
+    def save(step: int, evaluated: dict[str, float] | None) -> None:
+        trainer_state = {"position": position, "best": best, "step": step}
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state.checkpoint()), trainer=ocp.args.JsonSave(trainer_state)),
+            metrics=evaluated,
+            force=True,
+        )  # fmt: skip
+
+    eval_every = args.eval_steps or args.save_steps
+    step, window = start, []
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
+    status = "finished"
+    with _Preemption() as preemption, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        while step < total:
+            batch, _ = train_batches.batch(position["epoch"], position["index"])
+            state, m = train_step(state, batch, jax.random.fold_in(state.rng, state.step))
+            position["index"] += 1
+            if position["index"] == train_batches.num_batches:
+                position = {"epoch": position["epoch"] + 1, "index": 0}
+            step += 1
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                manager.wait_until_finished()
+                last = manager.latest_step()
+                raise TrainingError(
+                    f"the training loss is {loss} at step {step}; stopped without saving this step. "
+                    + (f"The last good checkpoint is step {last} in {out}/checkpoints; "
+                       "lower the learning rate or check the data, then --resume."
+                       if last is not None else "No checkpoint was saved before it.")
+                )  # fmt: skip
+            window.append((loss, float(m["grad_norm"])))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            record: dict[str, Any] = {}
+            if step % args.log_steps == 0 or step == total:
+                record = {
+                    "step": step,
+                    "epoch": round(position["epoch"] + position["index"] / train_batches.num_batches, 4),
+                    "loss": float(np.mean([w[0] for w in window])),
+                    "grad_norm": float(np.mean([w[1] for w in window])),
+                    "learning_rate": float(schedule(step - 1)),
+                }
+                window = []
+            evaluated = None
+            if prepared.eval is not None and (step % eval_every == 0 or step == total):
+                evaluated = evaluate(state, prepared, args)
+                record = {**record, "step": step, **evaluated}
+                value = evaluated.get(args.metric_for_best)
+                if value is None:
+                    raise TrainingError(
+                        f"--metric-for-best {args.metric_for_best} is not an eval metric of this task; "
+                        f"choose one of {sorted(evaluated)}"
+                    )
+                if metrics.is_better(args.metric_for_best, value, best["value"]):
+                    best = {"step": step, "value": value}
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
+            if record:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if step % args.save_steps == 0 or step == total or evaluated is not None or preemption.requested:
+                save(step, evaluated)
+            if on_step is not None:
+                on_step(step, m)
+            if preemption.requested and step < total:
+                status = "preempted"
+                break
+    bar.close()
+    manager.wait_until_finished()
+    _plot(metrics_path, os.path.join(out, "metrics.png"))
+    summary = {"status": status, "step": step, "total_steps": total, "best": best, "output_dir": out}
+    if status == "preempted":
+        log.warning("SIGTERM: saved a checkpoint at step %d in %s; continue with --resume", step, out)
+        manager.close()
+        return summary
+    _export(state, prepared, os.path.join(out, "final"))
+    if best["step"] is not None:
+        if best["step"] != step:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint())
+            restored = manager.restore(best["step"], args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            state = state.restore(restored["state"])
+        _export(state, prepared, os.path.join(out, "best"))
+    manager.close()
+    return summary
+
+
+def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float]:
+    """Eval metrics, each prefixed `eval_`."""
+    from ettin_jax.train import metrics
+    from ettin_jax.train.steps import eval_step
+
+    size = args.eval_batch_size or args.batch_size
+    length = args.max_length if args.task == "classify" else args.block_size
+    batches = Batches(prepared.eval, size, prepared.pad_id, length, shuffle=False)
+    sums, counts, logits = [], [], []
+    for batch, rows in batches.epoch(0):
+        out = eval_step(state, {k: v[0] for k, v in batch.items()})
+        sums.append(np.asarray(out["loss_sum"])[:rows])
+        counts.append(np.asarray(out["count"])[:rows])
+        if "logits" in out:
+            logits.append(np.asarray(out["logits"])[:rows])
+    loss_sum, count = float(np.sum(np.concatenate(sums))), float(np.sum(np.concatenate(counts)))
+    if state.task == "causal_lm":
+        result = metrics.lm_metrics(loss_sum, int(count))
+    else:
+        result = {
+            "loss": loss_sum / max(count, 1.0),
+            **metrics.classification_metrics(
+                np.concatenate(logits), prepared.eval.labels, state.task, label_names=prepared.label_names
+            ),
+        }
+    return {f"eval_{k}": float(v) for k, v in result.items()}
+
+
+def _export(state: Any, prepared: Prepared, directory: str) -> None:
+    """The model in transformers format plus the tokenizer, published by one rename."""
+    from ettin_jax.convert.checkpoint import make_staging_dir
+
+    parent = os.path.dirname(directory)
+    staging = make_staging_dir(parent, f".{os.path.basename(directory)}.tmp-")
+    try:
+        state.model().save_pretrained(staging)
+        prepared.tokenizer.save_pretrained(staging)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_lines(path: str, records: list[dict[str, Any]]) -> None:
+    from ettin_jax.convert.checkpoint import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+    write_atomically(path, write)
+
+
+def _plot(metrics_path: str, png: str) -> None:
+    from ettin_jax.train.metrics import plot_metrics, read_metrics
+
+    records = read_metrics(metrics_path)
+    if records:
+        plot_metrics(records, png)
+
+
+def main_summary(summary: dict[str, Any]) -> str:
+    best = summary["best"]
+    lines = [f"{summary['status']} at step {summary['step']} of {summary['total_steps']} in {summary['output_dir']}"]
+    if best["step"] is not None:
+        lines.append(f"best step {best['step']}: {best['value']:.6g}")
+    return "\n".join(lines)
+
+
+__all__ = ["PREEMPTED_EXIT", "DataError", "TrainArgs", "TrainingError", "evaluate", "prepare", "train"]
