@@ -4,6 +4,7 @@ masked off norms and biases, as transformers' Trainer does it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -59,9 +60,12 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW. optax's AdamW is torch.optim.AdamW: the decay is decoupled
-    and scaled by the learning rate, eps sits outside the square root."""
+    and scaled by the learning rate, eps sits outside the square root. One object per config
+    (cached), so runs with the same settings share compiled steps: the optimizer is a static
+    part of the jitted state."""
     adamw = optax.adamw(
         learning_rate_schedule(config),
         b1=config.b1,

@@ -104,13 +104,24 @@ def _forward(model: nnx.Module, batch: dict[str, Array], deterministic: bool) ->
     return model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic).logits
 
 
+def seeded(rest: Any, rng: Array) -> Any:
+    """The model's RNG streams (dropout) with fresh keys from `rng`: stream i gets fold_in(rng, i)
+    and a zero count, so a step's dropout masks depend on its key alone."""
+    leaves, treedef = jax.tree.flatten(rest)
+    out = []
+    for i, leaf in enumerate(leaves):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            out.append(jax.random.wrap_key_data(jax.random.fold_in(rng, i), impl=jax.random.key_impl(leaf)))
+        else:
+            out.append(jnp.zeros_like(leaf))
+    return jax.tree.unflatten(treedef, out)
+
+
 def loss_sum(
     params: dict, rest: Any, graphdef: Any, task: str, batch: dict[str, Array], rng: Array, deterministic: bool = False
 ) -> tuple[Array, Array]:
     """(summed loss, item count) of one micro-batch; differentiable in `params`."""
-    model = nnx.merge(graphdef, params, rest)
-    if not deterministic:
-        nnx.reseed(model, default=rng)
+    model = nnx.merge(graphdef, params, rest if deterministic else seeded(rest, rng))
     sums, counts = row_losses(task, _forward(model, batch, deterministic), batch["labels"])
     return jnp.sum(sums), jnp.sum(counts)
 

@@ -381,10 +381,10 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
             if record:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            if step % args.save_steps == 0 or step == total or evaluated is not None or preemption.requested:
-                save(step, evaluated)
             if on_step is not None:
                 on_step(step, m)
+            if step % args.save_steps == 0 or step == total or evaluated is not None or preemption.requested:
+                save(step, evaluated)
             if preemption.requested and step < total:
                 status = "preempted"
                 break

@@ -1,0 +1,132 @@
+"""Reading, labels, tokenizing and batching of training data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from textdata import word_tokenizer, write_rows, xor_rows
+
+from ettin_jax.train.data import (
+    Batches,
+    DataError,
+    Examples,
+    bucket,
+    buckets,
+    encode_labels,
+    infer_problem_type,
+    label_names,
+    pack_blocks,
+    read_table,
+    tokenize_pairs,
+)
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
+def test_each_format_reads_the_same_table(tmp_path, ext):
+    rows = xor_rows(5, seed=0)
+    table = read_table(write_rows(tmp_path / f"data.{ext}", rows))
+    assert table == {"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]}
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_table(tmp_path / "missing.csv")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match=r"empty\.csv has no rows"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not JSON"):
+        read_table(tmp_path / "bad.jsonl")
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match=r"expected a \.csv, \.jsonl or \.parquet"):
+        read_table(tmp_path / "data.txt")
+
+
+def test_labels_by_problem_type():
+    assert infer_problem_type(["pos", "neg"]) == "single_label_classification"
+    assert infer_problem_type([1, 0, 2]) == "single_label_classification"
+    assert infer_problem_type([0.5, 1.0]) == "regression"
+    assert infer_problem_type([["a"], ["a", "b"]]) == "multi_label_classification"
+    assert label_names([10, 9, 2], "single_label_classification") == ("2", "9", "10")  # numeric order
+    names = label_names(["b,a", "c"], "multi_label_classification")
+    assert names == ("a", "b", "c")
+    hot = encode_labels(["b,a", '["c"]', ["a"]], "multi_label_classification", names, "f", "labels")
+    np.testing.assert_array_equal(hot, [[1, 1, 0], [0, 0, 1], [1, 0, 0]])
+    assert encode_labels(["1.5", 2], "regression", ("LABEL_0",), "f", "y").tolist() == [1.5, 2.0]
+    with pytest.raises(DataError, match=r"label 'maybe' in row 2 of eval.csv \(column 'label'\) is not in"):
+        encode_labels(["yes", "maybe"], "single_label_classification", ("no", "yes"), "eval.csv", "label")
+    with pytest.raises(DataError, match="regression label 'x' in row 1 of f is not a number"):
+        encode_labels(["x"], "regression", ("LABEL_0",), "f", "y")
+
+
+def test_truncation_keeps_the_start_and_counts():
+    tok = word_tokenizer()
+    ids, truncated = tokenize_pairs(tok, ["alpha w1 w2 red", "beta red"], None, max_length=3, bos=1)
+    assert truncated == 1
+    assert [len(r) for r in ids] == [3, 3]
+    assert ids[0].tolist() == [1, *tok("alpha w1", add_special_tokens=False)["input_ids"]]
+
+
+def test_packing_cuts_blocks_like_run_clm():
+    tok = word_tokenizer()
+    blocks = pack_blocks(tok, ["alpha red", "beta blue gold"], block_size=4, bos=1, eos=2)
+    stream = [1, *tok("alpha red")["input_ids"], 2, 1, *tok("beta blue gold")["input_ids"], 2]
+    assert blocks.tolist() == [stream[:4], stream[4:8]]  # 9 tokens: the last one is dropped
+    with pytest.raises(DataError, match="fewer than one block of 64"):
+        pack_blocks(tok, ["alpha"], block_size=64, bos=1, eos=2)
+
+
+def _examples(n: int) -> Examples:
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, 50, rng.integers(2, 20)).astype(np.int32) for _ in range(n)]
+    return Examples(ids, np.arange(n, dtype=np.int32))
+
+
+def test_batches_are_a_deterministic_permutation_per_epoch():
+    data = _examples(20)
+    batches = Batches(data, micro_batch=3, pad_id=0, max_length=32, grad_accum=2, seed=7)
+    assert batches.num_batches == 3  # 20 // 6; the incomplete last batch is dropped
+    seen = [b["labels"].reshape(-1) for b, _ in batches.epoch(0)]
+    again = [b["labels"].reshape(-1) for b, _ in batches.epoch(0)]
+    np.testing.assert_array_equal(np.concatenate(seen), np.concatenate(again))
+    assert len(set(np.concatenate(seen).tolist())) == 18  # no row twice in an epoch
+    other_epoch = np.concatenate([b["labels"].reshape(-1) for b, _ in batches.epoch(1)])
+    other_seed = Batches(data, 3, 0, 32, grad_accum=2, seed=8)
+    assert not np.array_equal(np.concatenate(seen), other_epoch)
+    assert not np.array_equal(
+        np.concatenate(seen), np.concatenate([b["labels"].reshape(-1) for b, _ in other_seed.epoch(0)])
+    )
+    # Resuming at batch 2 gives the same batch as reading through.
+    resumed, _ = batches.batch(0, 2)
+    np.testing.assert_array_equal(resumed["input_ids"], list(batches.epoch(0))[2][0]["input_ids"])
+
+
+def test_batches_pad_to_buckets_with_masks():
+    data = _examples(20)
+    batch, rows = Batches(data, 4, pad_id=0, max_length=40, seed=0).batch(0, 0)
+    assert rows == 4
+    length = batch["input_ids"].shape[-1]
+    assert length in buckets(40) == (16, 32, 40)
+    lengths = batch["attention_mask"].sum(-1).reshape(-1)
+    assert bucket(int(lengths.max()), (16, 32, 40)) == length
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+
+
+def test_eval_batches_cover_every_row_once_and_mark_padding():
+    data = _examples(10)
+    batches = Batches(data, 4, pad_id=0, max_length=32, shuffle=False)
+    out = list(batches.epoch(0))
+    assert [rows for _, rows in out] == [4, 4, 2]
+    labels = out[-1][0]["labels"].reshape(-1)
+    assert labels.tolist() == [8, 9, -100, -100]
+
+
+def test_lm_labels_ignore_padding():
+    data = Examples([np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32)], None)
+    batch, _ = Batches(data, 2, pad_id=0, max_length=16, shuffle=False).batch(0, 0)
+    assert batch["labels"][0, 1, :3].tolist() == [8, 9, -100]
+
+
+def test_too_few_examples_for_one_batch():
+    with pytest.raises(DataError, match=r"has 5 examples, fewer than one batch of 8 \(batch size 4 x gradient"):
+        Batches(_examples(5), 4, 0, 16, grad_accum=2)
