@@ -3,8 +3,9 @@
 Same random weights, same batch (random token ids, no padding), same optimizer (AdamW, lr 1e-4,
 betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on matrices only, no clipping, constant
 schedule), CPU float32. Each side runs `--warmup` untimed steps first (for JAX the first one
-compiles `train_step`), then `--steps` timed steps on the same batch; steps/s is one over the
-median step time. The first step's loss of both sides is printed as a sanity check: it should
+compiles `train_step`), then `--steps` timed steps on the same batch, the two sides alternating
+step by step so that both see the same load on a shared machine; steps/s is one over the median
+step time. The first step's loss of both sides is printed as a sanity check: it should
 agree to float32 rounding, since both start from the same weights and batch. PyTorch keeps its
 default thread count (every core).
 
@@ -23,6 +24,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,18 +46,28 @@ def cpu_model() -> str:
     return platform.processor() or "cpu"
 
 
-def timed(step, warmup: int, steps: int) -> tuple[float, list[float]]:
-    """Runs `step` warmup + steps times; returns the first step's loss and the timed steps' seconds.
-    `step` returns the loss as a Python float, which waits for the step to finish on both sides."""
-    first = step()
-    for _ in range(warmup - 1):
-        step()
-    times = []
-    for _ in range(steps):
+def timed(steps_by_side: dict[str, Callable[[], float]], warmup: int, steps: int) -> dict[str, dict[str, Any]]:
+    """Runs each side's step `warmup` times untimed, then `steps` timed rounds that alternate the
+    sides step by step, so that both see the same load on a shared machine. Each step returns its
+    loss as a Python float, which waits for the step to finish. Per side: the first step's loss,
+    the warm-up's seconds, the timed steps' seconds and the last step's loss."""
+    out = {}
+    for side, step in steps_by_side.items():
         start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return first, times
+        first = step()
+        for _ in range(warmup - 1):
+            step()
+        out[side] = {"first": first, "warmup_s": time.perf_counter() - start, "times": []}
+    for _ in range(steps):
+        for side, step in steps_by_side.items():
+            start = time.perf_counter()
+            out[side]["last"] = step()
+            out[side]["times"].append(time.perf_counter() - start)
+    return out
+
+
+def spread(times: list[float]) -> str:
+    return f"min {min(times):.2f} / median {statistics.median(times):.2f} / max {max(times):.2f}"
 
 
 def main() -> None:
@@ -82,6 +95,8 @@ def main() -> None:
     import ettin_jax as ej
     from ettin_jax.train.optim import OptimizerConfig, make_optimizer
     from ettin_jax.train.steps import create_train_state, train_step
+
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's "Writing model shards"
 
     machine = f"{platform.machine()}, {cpu_model()}, os.cpu_count() = {os.cpu_count()}"
     versions = (
@@ -159,12 +174,9 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 return loss.item()
 
-            start = time.perf_counter()
-            first_ours, times_ours = timed(ours, args.warmup, args.steps)
-            compile_s = time.perf_counter() - start - sum(times_ours)
-            last_ours = ours()
-            first_theirs, times_theirs = timed(theirs, args.warmup, args.steps)
-            last_theirs = theirs()
+            result = timed({"ours": ours, "theirs": theirs}, args.warmup, args.steps)
+            first_ours, first_theirs = result["ours"]["first"], result["theirs"]["first"]
+            times_ours, times_theirs = result["ours"]["times"], result["theirs"]["times"]
             del holder, reference, opt
 
             sps_ours, sps_theirs = 1 / statistics.median(times_ours), 1 / statistics.median(times_theirs)
@@ -173,11 +185,12 @@ def main() -> None:
                    tokens * sps_ours, tokens * sps_theirs, abs(first_ours - first_theirs))  # fmt: skip
             rows.append(row)
             print(f"{size:>5} {task:>8}: first-step loss ettin-jax {first_ours:.6f}, transformers {first_theirs:.6f}, "
-                  f"|diff| {abs(first_ours - first_theirs):.2e}; after {args.warmup + args.steps + 1} steps "
-                  f"{last_ours:.6f} vs {last_theirs:.6f}", flush=True)  # fmt: skip
+                  f"|diff| {abs(first_ours - first_theirs):.2e}; after {args.warmup + args.steps} steps "
+                  f"{result['ours']['last']:.6f} vs {result['theirs']['last']:.6f}", flush=True)  # fmt: skip
             print(f"{size:>5} {task:>8}: ettin-jax {sps_ours:6.2f} steps/s ({tokens * sps_ours:8.0f} tok/s), "
                   f"transformers {sps_theirs:6.2f} steps/s ({tokens * sps_theirs:8.0f} tok/s), "
-                  f"ratio {sps_ours / sps_theirs:5.2f}x; JAX warm-up (compile) {compile_s:.1f} s", flush=True)  # fmt: skip
+                  f"ratio {sps_ours / sps_theirs:5.2f}x; JAX warm-up (compile) {result['ours']['warmup_s']:.1f} s; "
+                  f"step seconds ettin-jax {spread(times_ours)}, transformers {spread(times_theirs)}", flush=True)  # fmt: skip
 
     command = shlex.join(["python", "benchmarks/train.py", *sys.argv[1:]])
     header = (
@@ -186,7 +199,7 @@ def main() -> None:
         f"same weights and batch on both sides (no padding), transformers attention "
         f"{'/'.join(sorted(attn))}, torch threads {torch.get_num_threads()} (default); steps/s is one over the "
         f"median of {args.steps} timed steps after {args.warmup} untimed (JAX compiles in the first), "
-        f"JAX blocked on every step. `{command}`\n\n"
+        f"the sides alternating step by step, JAX blocked on every step. `{command}`\n\n"
         "| shape | task | batch x length | ettin-jax steps/s | transformers steps/s | ratio "
         "| ettin-jax tok/s | transformers tok/s | first-step loss diff |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"

@@ -300,7 +300,9 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     )
     manager = ocp.CheckpointManager(
         os.path.join(out, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=True, cleanup_tmp_directories=True
+        ),
     )
     position = {"epoch": 0, "index": 0}
     best: dict[str, Any] = {"step": None, "value": None}
@@ -334,62 +336,65 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     step, window = start, []
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     status = "finished"
-    with _Preemption() as preemption, open(metrics_path, "a", encoding="utf-8") as metrics_file:
-        while step < total:
-            batch, _ = train_batches.batch(position["epoch"], position["index"])
-            state, m = train_step(state, batch, jax.random.fold_in(state.rng, state.step))
-            position["index"] += 1
-            if position["index"] == train_batches.num_batches:
-                position = {"epoch": position["epoch"] + 1, "index": 0}
-            step += 1
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                manager.wait_until_finished()
-                last = manager.latest_step()
-                raise TrainingError(
-                    f"the training loss is {loss} at step {step}; stopped without saving this step. "
-                    + (f"The last good checkpoint is step {last} in {out}/checkpoints; "
-                       "lower the learning rate or check the data, then --resume."
-                       if last is not None else "No checkpoint was saved before it.")
-                )  # fmt: skip
-            window.append((loss, float(m["grad_norm"])))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            record: dict[str, Any] = {}
-            if step % args.log_steps == 0 or step == total:
-                record = {
-                    "step": step,
-                    "epoch": round(position["epoch"] + position["index"] / train_batches.num_batches, 4),
-                    "loss": float(np.mean([w[0] for w in window])),
-                    "grad_norm": float(np.mean([w[1] for w in window])),
-                    "learning_rate": float(schedule(step - 1)),
-                }
-                window = []
-            evaluated = None
-            if prepared.eval is not None and (step % eval_every == 0 or step == total):
-                evaluated = evaluate(state, prepared, args)
-                record = {**record, "step": step, **evaluated}
-                value = evaluated.get(args.metric_for_best)
-                if value is None:
+    try:
+        with _Preemption() as preemption, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+            while step < total:
+                batch, _ = train_batches.batch(position["epoch"], position["index"])
+                state, m = train_step(state, batch, jax.random.fold_in(state.rng, state.step))
+                position["index"] += 1
+                if position["index"] == train_batches.num_batches:
+                    position = {"epoch": position["epoch"] + 1, "index": 0}
+                step += 1
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    manager.wait_until_finished()
+                    last = manager.latest_step()
                     raise TrainingError(
-                        f"--metric-for-best {args.metric_for_best} is not an eval metric of this task; "
-                        f"choose one of {sorted(evaluated)}"
-                    )
-                if metrics.is_better(args.metric_for_best, value, best["value"]):
-                    best = {"step": step, "value": value}
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
-            if record:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if on_step is not None:
-                on_step(step, m)
-            if step % args.save_steps == 0 or step == total or evaluated is not None or preemption.requested:
-                save(step, evaluated)
-            if preemption.requested and step < total:
-                status = "preempted"
-                break
-    bar.close()
-    manager.wait_until_finished()
+                        f"the training loss is {loss} at step {step}; stopped without saving this step. "
+                        + (f"The last good checkpoint is step {last} in {out}/checkpoints; "
+                           "lower the learning rate or check the data, then --resume."
+                           if last is not None else "No checkpoint was saved before it.")
+                    )  # fmt: skip
+                window.append((loss, float(m["grad_norm"])))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                record: dict[str, Any] = {}
+                if step % args.log_steps == 0 or step == total:
+                    record = {
+                        "step": step,
+                        "epoch": round(position["epoch"] + position["index"] / train_batches.num_batches, 4),
+                        "loss": float(np.mean([w[0] for w in window])),
+                        "grad_norm": float(np.mean([w[1] for w in window])),
+                        "learning_rate": float(schedule(step - 1)),
+                    }
+                    window = []
+                evaluated = None
+                if prepared.eval is not None and (step % eval_every == 0 or step == total):
+                    evaluated = evaluate(state, prepared, args)
+                    record = {**record, "step": step, **evaluated}
+                    value = evaluated.get(args.metric_for_best)
+                    if value is None:
+                        raise TrainingError(
+                            f"--metric-for-best {args.metric_for_best} is not an eval metric of this task; "
+                            f"choose one of {sorted(evaluated)}"
+                        )
+                    if metrics.is_better(args.metric_for_best, value, best["value"]):
+                        best = {"step": step, "value": value}
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
+                if record:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if on_step is not None:
+                    on_step(step, m)
+                if step % args.save_steps == 0 or step == total or evaluated is not None or preemption.requested:
+                    save(step, evaluated)
+                if preemption.requested and step < total:
+                    status = "preempted"
+                    break
+    finally:
+        # Also on an exception: a checkpoint being written is finished, never left half-done.
+        bar.close()
+        manager.wait_until_finished()
     _plot(metrics_path, os.path.join(out, "metrics.png"))
     summary = {"status": status, "step": step, "total_steps": total, "best": best, "output_dir": out}
     if status == "preempted":

@@ -1,0 +1,280 @@
+"""The fine-tuning loop: learning, export to transformers, exact resume, SIGTERM, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from textdata import write_rows, xor_rows
+
+from ettin_jax.train.data import DataError
+from ettin_jax.train.trainer import PREEMPTED_EXIT, TrainArgs, TrainingError, prepare, train
+
+
+def _args(word_model, tmp_path, **changes) -> TrainArgs:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    defaults = dict(
+        task="classify",
+        model=word_model,
+        train_file=write_rows(data / "train.csv", xor_rows(512, seed=0)),
+        eval_file=write_rows(data / "eval.csv", xor_rows(128, seed=1)),
+        output_dir=str(tmp_path / "out"),
+        max_steps=120,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_ratio=0.1,
+        schedule="cosine",
+        weight_decay=0.01,
+        save_steps=40,
+        max_length=16,
+        progress=False,
+    )
+    return TrainArgs(**{**defaults, **changes})
+
+
+def _records(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(directory: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def test_learns_a_task_decided_by_words_far_apart(word_model, tmp_path):
+    """The label is the XOR of the first and last word, 4-9 tokens apart (beyond the 4-token
+    window): only the global layers can combine them. Chance is 50%."""
+    args = _args(word_model, tmp_path)
+    summary = train(args)
+    evals = [r for r in _records(args.output_dir) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [40, 80, 120]
+    assert evals[-1]["eval_accuracy"] >= 0.95, evals
+    assert summary["best"]["step"] == min(evals, key=lambda r: r["eval_loss"])["step"]
+    out = args.output_dir
+    assert sorted(os.listdir(out)) == ["best", "checkpoints", "final", "metrics.jsonl", "metrics.png", "run.json"]
+    with open(os.path.join(out, "metrics.png"), "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+    # transformers loads the exported model and reproduces our eval predictions.
+    import torch
+    import transformers
+
+    from ettin_jax import pipeline
+
+    final = os.path.join(out, "final")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(final).eval()
+    assert type(theirs).__name__ == "ModernBertDecoderForSequenceClassification"
+    assert theirs.config.id2label == {0: "diff", 1: "same"}
+    classifier = pipeline("text-classification", model=final)
+    rows = xor_rows(128, seed=1)
+    texts = [r["text"] for r in rows]
+    ours = classifier.scores(texts)  # softmax probabilities
+    tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    logits = []
+    for text in texts:
+        ids = [theirs.config.bos_token_id, *tokenizer(text)["input_ids"]]
+        with torch.no_grad():
+            logits.append(theirs(torch.tensor([ids])).logits[0].numpy())
+    logits = np.stack(logits)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(ours, probabilities, atol=1e-5)
+    labels = np.array([theirs.config.label2id[r["label"]] for r in rows])
+    assert np.mean(logits.argmax(-1) == labels) == evals[-1]["eval_accuracy"]
+
+
+def _stop_at(step: int, how: str):
+    def on_step(current: int, metrics: dict) -> None:
+        if current == step:
+            if how == "crash":
+                raise KeyboardInterrupt("killed")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def reference(word_model, tmp_path_factory):
+    """An uninterrupted 10-step run with gradient accumulation, dropout-free, evaluated at 4 and 8."""
+    tmp = tmp_path_factory.mktemp("reference")
+    args = _args(word_model, tmp, max_steps=10, save_steps=4, batch_size=4, grad_accum=2, log_steps=1)
+    train(args)
+    return args, _params(os.path.join(args.output_dir, "final")), _records(args.output_dir)
+
+
+@pytest.mark.parametrize("how", ["crash", "sigterm"])
+def test_stopped_run_resumes_to_identical_params(word_model, tmp_path, reference, how):
+    """Killed after step 6 (last checkpoint: step 4), or sent SIGTERM at step 6 (which saves
+    step 6), then resumed: the same params, bit for bit, and the same metrics log. CPU float32
+    runs the same operations in the same order, so nothing less than equality is expected."""
+    ref_args, ref_params, ref_records = reference
+    args = _args(
+        word_model,
+        tmp_path,
+        **{k: getattr(ref_args, k) for k in ("max_steps", "save_steps", "batch_size", "grad_accum", "log_steps")},
+    )
+    args.train_file, args.eval_file = ref_args.train_file, ref_args.eval_file
+    if how == "crash":
+        with pytest.raises(KeyboardInterrupt):
+            train(args, on_step=_stop_at(6, how))
+        assert sorted(os.listdir(os.path.join(args.output_dir, "checkpoints"))) == ["4"]
+    else:
+        summary = train(args, on_step=_stop_at(6, how))
+        assert summary["status"] == "preempted" and summary["step"] == 6
+        assert "6" in os.listdir(os.path.join(args.output_dir, "checkpoints"))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
+    with pytest.raises(TrainingError, match="holds a run already; pass --resume"):
+        train(args)
+    args.resume = True
+    summary = train(args)
+    assert summary["status"] == "finished" and summary["step"] == 10
+    params = _params(os.path.join(args.output_dir, "final"))
+    assert params.keys() == ref_params.keys()
+    for key in params:
+        np.testing.assert_array_equal(params[key], ref_params[key], err_msg=key)
+    assert _records(args.output_dir) == ref_records
+
+
+def test_resume_refuses_changed_arguments(word_model, tmp_path, reference):
+    args = _args(word_model, tmp_path, max_steps=2, save_steps=1)
+    os.makedirs(args.output_dir)
+    with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+        json.dump({**args.identity(), "learning_rate": 1.0}, f)
+    args.resume = True
+    with pytest.raises(TrainingError, match=r"different run.*learning_rate: 1\.0 -> 0\.003"):
+        train(args)
+
+
+def test_output_dir_with_other_files_is_refused(word_model, tmp_path):
+    args = _args(word_model, tmp_path, overwrite=True)
+    os.makedirs(args.output_dir)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="holds no ettin-jax run"):
+        train(args)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(word_model, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    import ettin_jax.train.steps as steps
+
+    real = steps.train_step
+
+    def poisoned(state, batch, rng):
+        state, metrics = real(state, batch, rng)
+        bad = int(state.step) == 3
+        return state, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+
+    monkeypatch.setattr(steps, "train_step", poisoned)
+    args = _args(word_model, tmp_path, max_steps=6, save_steps=2, eval_file=None)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3.*last good checkpoint is step 2"):
+        train(args)
+    assert os.listdir(os.path.join(args.output_dir, "checkpoints")) == ["2"]
+
+
+def test_bad_data_is_named(word_model, tmp_path, caplog):
+    with pytest.raises(
+        DataError, match=r"column 'sentence' is not in .*train\.csv; its columns are \['label', 'text'\]"
+    ):
+        prepare(_args(word_model, tmp_path, text_column="sentence"))
+    rows = xor_rows(4, seed=2)
+    rows[2]["label"] = "unsure"
+    eval_file = write_rows(tmp_path / "bad_eval.csv", rows)
+    with pytest.raises(
+        DataError, match=r"label 'unsure' in row 3 of .*bad_eval\.csv .* not in the label set \['diff', 'same'\]"
+    ):
+        prepare(_args(word_model, tmp_path, eval_file=eval_file))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="has no rows"):
+        prepare(_args(word_model, tmp_path, train_file=str(tmp_path / "empty.jsonl")))
+    with caplog.at_level(logging.WARNING, logger="ettin_jax.train"):
+        prepared = prepare(_args(word_model, tmp_path, max_length=6))
+    assert prepared.train.truncated > 0
+    assert f"{prepared.train.truncated} of 512 train texts were longer than --max-length 6" in caplog.text
+
+
+def test_argument_errors():
+    with pytest.raises(TrainingError, match="exactly one of --epochs and --max-steps"):
+        TrainArgs(task="classify", model="m", train_file="f", output_dir="o")
+    with pytest.raises(TrainingError, match="--batch-size must be >= 1"):
+        TrainArgs(task="lm", model="m", train_file="f", output_dir="o", max_steps=1, batch_size=0)
+    with pytest.raises(TrainingError, match="contradict"):
+        TrainArgs(task="lm", model="m", train_file="f", output_dir="o", max_steps=1, resume=True, overwrite=True)
+
+
+def _cli(*argv: str) -> int:
+    from ettin_jax.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_multi_label_regression_and_lm(word_model, tmp_path, capsys):
+    rows = xor_rows(64, seed=3)
+    multi = [{"text": r["text"], "tags": sorted({r["text"].split()[0], r["label"]})} for r in rows]
+    files = {
+        "multi": write_rows(tmp_path / "multi.jsonl", multi),
+        "reg": write_rows(tmp_path / "reg.parquet", [{"text": r["text"], "y": len(r["text"]) / 10} for r in rows]),
+        "lm": write_rows(tmp_path / "lm.csv", [{"text": r["text"]} for r in rows]),
+    }
+    common = ["--model", word_model, "--max-steps", "4", "--batch-size", "8", "--save-steps", "2", "--no-progress"]
+    for name, extra, metric in (
+        ("multi", ["classify", "--label-column", "tags", "--max-length", "16"], "eval_exact_match"),
+        ("reg", ["classify", "--label-column", "y", "--max-length", "16"], "eval_pearson"),
+        ("lm", ["lm", "--block-size", "16"], "eval_perplexity"),
+    ):
+        out = str(tmp_path / f"out-{name}")
+        argv = ["train", *extra, "--train-file", files[name], "--eval-file", files[name], "--output-dir", out]
+        assert _cli(*argv, *common) == 0
+        record = _records(out)[-1]
+        assert record["step"] == 4 and np.isfinite(record[metric]), record
+        with open(os.path.join(out, "final", "config.json")) as f:
+            config = json.load(f)
+        if name == "multi":
+            assert config["problem_type"] == "multi_label_classification"
+            assert "eval_f1_same" in record and len(config["id2label"]) == 2 + 6  # same/diff + the first words
+        if name == "reg":
+            assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+        if name == "lm":
+            assert config["architectures"] == ["ModernBertDecoderForCausalLM"]
+            assert record["eval_perplexity"] == pytest.approx(np.exp(record["eval_loss"]), rel=1e-6)
+    assert "finished at step 4 of 4" in capsys.readouterr().out
+    # A second run into the same directory is refused with a one-line error.
+    assert _cli(*argv, *common) == 2
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+
+
+def test_sigterm_from_outside_saves_and_exits_143(word_model, tmp_path):
+    """The command line under a real SIGTERM, as a pod's preemption sends it."""
+    train_file = write_rows(tmp_path / "train.csv", xor_rows(64, seed=0))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "ettin_jax.cli", "train", "classify", "--model", word_model, "--train-file", train_file,
+        "--output-dir", str(out), "--max-steps", "1000000", "--batch-size", "8", "--max-length", "16",
+        "--log-steps", "1", "--save-steps", "1000000", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no training step within 240 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT, stderr
+    steps = os.listdir(out / "checkpoints")
+    assert len(steps) == 1 and int(steps[0]) >= 1
+    assert f"saved a checkpoint at step {steps[0]}" in stderr and "--resume" in stderr
+    assert f"preempted at step {steps[0]}" in stdout
