@@ -19,7 +19,7 @@ def blocks() -> list[tuple[str, str]]:
 
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
-    assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python"]
+    assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python", "bash", "python"]
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     for lang, code in found:
         command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
@@ -32,6 +32,7 @@ def test_readme_examples_run_as_printed(tmp_path):
                 assert match.group(1) in result.stdout, f"expected {match.group(1)!r} in {result.stdout!r}"
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
 
 
 def test_readme_set_up_commands():

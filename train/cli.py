@@ -36,7 +36,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a transformers or ettin-jax directory, or a Hub id")
+    p.add_argument(
+        "--model", help="a transformers or ettin-jax directory, or a Hub id (default: the embedded tiny model)"
+    )
     p.add_argument("--train-file", required=True, help=".csv, .jsonl or .parquet")
     p.add_argument("--eval-file", help=".csv, .jsonl or .parquet")
     p.add_argument("--text-column", default="text")

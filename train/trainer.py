@@ -43,7 +43,7 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class TrainArgs:
     task: str  # "classify" or "lm"
-    model: str
+    model: str | None  # a directory or Hub id; None: the embedded default model
     train_file: str
     output_dir: str
     eval_file: str | None = None
@@ -161,7 +161,12 @@ def prepare(args: TrainArgs) -> Prepared:
     from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
     from ettin_jax.train import data
 
-    directory = resolve(args.model)
+    if args.model is None:
+        from ettin_jax import default_model
+
+        directory = default_model.path()
+    else:
+        directory = resolve(args.model)
     config = ModernBertDecoderConfig.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
