@@ -16,6 +16,7 @@ from typing import Any
 MODEL_TYPE = "modernbert-decoder"
 LAYER_TYPES = ("full_attention", "sliding_attention")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "cudnn", "splash")  # see ettin_jax/attention.py
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 DEFAULT_GLOBAL_ROPE_THETA = 160_000.0
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
@@ -65,6 +66,8 @@ class ModernBertDecoderConfig:
     # Transformers lets a query see itself and the `sliding_window - 1` keys before it (64 for
     # Ettin). The flash-attn training code saw one more; True reproduces training instead.
     training_window: bool = False
+    # The attention backend (ettin_jax.attention): a runtime choice, not written to config.json.
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.layer_types is None:
@@ -124,6 +127,8 @@ class ModernBertDecoderConfig:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
         if not self.label_names:
             raise ConfigError("num_labels must be at least 1")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -235,7 +240,7 @@ class ModernBertDecoderConfig:
         """The config.json that transformers' ModernBertDecoderConfig reads back unchanged."""
         out: dict[str, Any] = {"model_type": MODEL_TYPE}
         for f in dataclasses.fields(self):
-            if f.name in ("global_rope_theta", "local_rope_theta", "label_names", "training_window"):
+            if f.name in ("global_rope_theta", "local_rope_theta", "label_names", "training_window", "attention_impl"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value

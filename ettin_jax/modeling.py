@@ -25,14 +25,14 @@ import optax
 from flax import nnx
 
 from ettin_jax import config as config_module
-from ettin_jax.config import ModernBertDecoderConfig
+from ettin_jax.attention import MASK_VALUE, MaskSpec, attend
+from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
 
 Array = jax.Array
 DType = Any
 
 # Added to masked attention logits. Finite, so a row with every key masked (a pad query under
 # left padding) gives a uniform distribution instead of NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def dot_product_attention(
     Scores and softmax in float32, probabilities cast back to v's dtype, as transformers does."""
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum(f"BTNH,{kv_layout}->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask, scores, _MASK_VALUE)
+    scores = jnp.where(mask, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs, deterministic=deterministic)
@@ -250,6 +250,7 @@ class Attention(nnx.Module):
         self.Wo = make.linear(inner, c.hidden_size, c.attention_bias, "out")
         self.attn_drop = _dropout(c.attention_dropout, make.rngs)
         self.out_drop = _dropout(c.attention_dropout, make.rngs)
+        self.impl = c.attention_impl  # static; `set_attention_impl` changes it
 
     def qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k."""
@@ -264,16 +265,21 @@ class Attention(nnx.Module):
         x: Array,
         cos: Array,
         sin: Array,
-        mask: Array | None,
+        mask: MaskSpec | Array | None,
         deterministic: bool,
         cache: LayerCache | None = None,
         positions: Array | None = None,
         index: Array | int = 0,
     ) -> tuple[Array, LayerCache | None]:
-        """Without a cache: attention over x itself under `mask`. With one, the new keys are
-        stored at sequence `index`; a single token (mask None) then attends over the cache,
-        several tokens (a prefill into an empty cache) over themselves under `mask`."""
+        """Without a cache: attention over x itself under the `MaskSpec`, by this layer's backend.
+        With one, the new keys are stored at sequence `index`; a single token (mask None) then
+        attends over the cache, several tokens (a prefill into an empty cache) over themselves
+        under the dense `mask`."""
         q, k, v = self.qkv(x, cos, sin)
+        if isinstance(mask, MaskSpec):
+            out = attend(q, k, v, mask, self.window, self.impl, self.attn_drop, deterministic)
+            out = self.Wo(out.reshape(*x.shape[:2], -1))
+            return _drop(self.out_drop, out, deterministic), cache
         layout = "BSNH"
         if cache is not None:
             cache = cache.write(k, v, positions, index)
@@ -312,7 +318,7 @@ class DecoderLayer(nnx.Module):
         x: Array,
         cos: Array,
         sin: Array,
-        mask: Array | None,
+        mask: MaskSpec | Array | None,
         deterministic: bool,
         cache: LayerCache | None = None,
         positions: Array | None = None,
@@ -370,6 +376,17 @@ class PretrainedMixin:
 
         save_pretrained(self, directory, format=format)
 
+    def set_attention_impl(self, impl: str) -> None:
+        """Switches every layer to the attention backend `impl` (see `ettin_jax.attention`),
+        without reloading; the next call compiles with it."""
+        if impl not in ATTENTION_IMPLS:
+            raise InputError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        for _, node in nnx.iter_graph(self):
+            if isinstance(node, Attention):
+                node.impl = impl
+            if hasattr(node, "config") and isinstance(node.config, ModernBertDecoderConfig):
+                node.config = node.config.replace(attention_impl=impl)
+
     def num_parameters(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
@@ -402,10 +419,13 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         inputs_embeds: Array | None = None,
         output_hidden_states: bool = False,
         deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> BaseModelOutput:
+        """`segment_ids` (B, T), ints >= 0, packs several sequences in a row: a token attends
+        only to tokens of its own segment (give each its own position_ids, from 0)."""
         c = self.config
-        input_ids, attention_mask, position_ids, inputs_embeds = check_inputs(
-            c, input_ids, attention_mask, position_ids, inputs_embeds
+        input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
+            c, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids
         )
         h = self.embeddings(input_ids, inputs_embeds, deterministic)  # (B, T, D)
         batch, length = h.shape[:2]
@@ -413,24 +433,22 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         if position_ids is None:
             position_ids = index
         valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        # As in transformers, masks come from token indices and RoPE from position_ids.
-        masks = {
-            "full_attention": make_attention_mask(index, index, valid, None),
-            "sliding_attention": make_attention_mask(index, index, valid, c.sliding_window),
-        }
+        # As in transformers, masks come from token indices and RoPE from position_ids. Each
+        # layer builds its own mask from this, as its backend needs it.
+        spec = MaskSpec(index=index, valid=valid, segment_ids=segment_ids)
         ropes = {
             "full_attention": rope_tables(position_ids, c.head_dim, c.global_rope_theta),
             "sliding_attention": rope_tables(position_ids, c.head_dim, c.local_rope_theta),
         }
 
-        def run(layer: DecoderLayer, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        def run(layer: DecoderLayer, h: Array, cos: Array, sin: Array, mask: MaskSpec) -> Array:
             return layer(h, cos, sin, mask, deterministic)[0]
 
         if self.remat:
             run = nnx.remat(run)
         hidden = [h]
         for kind, layer in zip(c.layer_types, self.layers, strict=True):
-            h = run(layer, h, *ropes[kind], masks[kind])
+            h = run(layer, h, *ropes[kind], spec)
             hidden.append(h)
         h = self.final_norm(h)
         return BaseModelOutput(
@@ -548,8 +566,11 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
         labels: Array | None = None,
         output_hidden_states: bool = False,
         deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> CausalLMOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic)
+        out = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic, segment_ids
+        )
         logits = self.logits(out.last_hidden_state)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
@@ -581,8 +602,11 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
         labels: Array | None = None,
         output_hidden_states: bool = False,
         deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> SequenceClassifierOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic)
+        out = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic, segment_ids
+        )
         h = _drop(self.drop, self.head(out.last_hidden_state), deterministic)
         logits = self.classifier(h)  # (B, T, L)
         batch, length = logits.shape[:2]
@@ -689,13 +713,15 @@ def check_inputs(
     attention_mask: Any,
     position_ids: Any,
     inputs_embeds: Any,
-) -> tuple[Array | None, Array | None, Array | None, Array | None]:
+    segment_ids: Any = None,
+) -> tuple[Array | None, ...]:
     """Clear errors for inputs that would otherwise fail deep inside JAX or give wrong numbers.
     Returns the inputs as arrays."""
     if (input_ids is None) == (inputs_embeds is None):
         raise InputError("pass exactly one of input_ids and inputs_embeds")
-    input_ids, attention_mask, position_ids, inputs_embeds = (
-        None if x is None else _as_array(x) for x in (input_ids, attention_mask, position_ids, inputs_embeds)
+    input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = (
+        None if x is None else _as_array(x)
+        for x in (input_ids, attention_mask, position_ids, inputs_embeds, segment_ids)
     )
     if input_ids is not None:
         if jnp.ndim(input_ids) != 2:
@@ -724,7 +750,11 @@ def check_inputs(
         raise InputError(
             f"sequence length {shape[1]} is longer than max_position_embeddings ({config.max_position_embeddings})"
         )
-    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+    for name, value in (
+        ("attention_mask", attention_mask),
+        ("position_ids", position_ids),
+        ("segment_ids", segment_ids),
+    ):
         if value is not None and tuple(jnp.shape(value)) != shape:
             raise InputError(f"{name} has shape {tuple(jnp.shape(value))}; expected {shape} like the inputs")
     if position_ids is not None:
@@ -734,4 +764,6 @@ def check_inputs(
                 f"position_ids must lie in [0, {config.max_position_embeddings}) "
                 f"(max_position_embeddings), got values from {pos.min()} to {pos.max()}"
             )
-    return input_ids, attention_mask, position_ids, inputs_embeds
+    if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise InputError(f"segment_ids must be integers, got {segment_ids.dtype}")
+    return input_ids, attention_mask, position_ids, inputs_embeds, segment_ids

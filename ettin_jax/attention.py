@@ -1,0 +1,211 @@
+"""Attention backends behind one switch, `attention_impl`.
+
+| value           | what                                                                          |
+| --------------- | ----------------------------------------------------------------------------- |
+| `"xla"`         | dense masked attention: every (query, key) pair, then the mask; the reference |
+| `"xla_blocked"` | sliding layers see only the two key blocks that can hold their window, O(T·W) |
+|                 | instead of O(T²); global layers as `"xla"`                                    |
+| `"cudnn"`       | `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bf16/fp16         |
+| `"splash"`      | Pallas TPU splash attention with a causal-and-local mask; `interpret` on CPU   |
+| `"auto"`        | splash on TPU, cuDNN on GPU for half precision, else xla_blocked              |
+
+Every backend takes the same `MaskSpec`: token indices (masks come from indices, RoPE from
+position ids, as in transformers), which keys are real (padding), and optional segment ids
+(packed sequences: a query sees only keys of its own segment). Generation's cached decode
+step always runs the dense path against the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ettin_jax.config import ATTENTION_IMPLS
+
+Array = jax.Array
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: an all-masked row stays finite
+
+
+class AttentionError(ValueError):
+    """A backend asked to do what it cannot; the message names the backend and the way out."""
+
+
+@flax.struct.dataclass
+class MaskSpec:
+    """What decides which keys a query sees: index (B, T) token indices, valid (B, T) bool
+    (False for padding), segment_ids (B, T) int or None."""
+
+    index: Array
+    valid: Array
+    segment_ids: Array | None = None
+
+
+def dense_mask(spec: MaskSpec, window: int | None) -> Array:
+    """(B, 1, T, T) bool: query i sees key j iff j is real, j <= i, in the same segment and,
+    on sliding layers, i - j < window."""
+    q, k = spec.index[:, None, :, None], spec.index[:, None, None, :]
+    mask = (k <= q) & spec.valid[:, None, None, :]
+    if window is not None:
+        mask &= q - k < window
+    if spec.segment_ids is not None:
+        mask &= spec.segment_ids[:, None, :, None] == spec.segment_ids[:, None, None, :]
+    return mask
+
+
+def resolve(impl: str, dtype: Any) -> str:
+    """The concrete backend for `impl` on this platform and compute dtype."""
+    if impl not in ATTENTION_IMPLS:
+        raise AttentionError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla_blocked"
+
+
+def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dropout: Any, deterministic: bool, spec: str) -> Array:
+    """softmax(q k^T / sqrt(H) masked) v with scores in float32; `spec` names the einsum axes."""
+    scores_spec, out_spec = spec.split("|")
+    scores = jnp.einsum(scores_spec, q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs, deterministic=deterministic)
+    return jnp.einsum(out_spec, probs, v)
+
+
+def xla_attention(
+    q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None, dropout: Any = None, deterministic: bool = True
+) -> Array:
+    """Dense: q, k, v (B, T, N, H) -> (B, T, N, H)."""
+    return _softmax_attend(q, k, v, dense_mask(spec, window), dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
+
+
+def blocked_local_attention(
+    q: Array, k: Array, v: Array, spec: MaskSpec, window: int, dropout: Any = None, deterministic: bool = True
+) -> Array:
+    """Sliding-window attention in blocks of `window` queries: a query at index i sees keys
+    i - window + 1 .. i, which lie in its own block and the one before, so each block attends
+    over 2 * window keys. The same result as `xla_attention`, for O(T * window) work."""
+    batch, length, heads, dim = q.shape
+    size = window
+    blocks = -(-length // size)
+    pad = blocks * size - length
+
+    def split(x: Array, fill: Any = 0) -> Array:  # (B, T, ...) -> (B, blocks, size, ...)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(batch, blocks, size, *x.shape[2:])
+
+    def with_previous(x: Array, fill: Any) -> Array:  # (B, n, C, ...) -> (B, n, 2C, ...)
+        before = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+        return jnp.concatenate([before, x], axis=2)
+
+    qb = split(q)
+    kb, vb = with_previous(split(k), 0), with_previous(split(v), 0)
+    q_index = split(spec.index, -1)  # (B, n, C)
+    k_index = with_previous(q_index, -1)  # (B, n, 2C)
+    k_valid = with_previous(split(spec.valid, False), False)
+    qi, ki = q_index[:, :, None, :, None], k_index[:, :, None, None, :]
+    mask = (ki <= qi) & (qi - ki < window) & k_valid[:, :, None, None, :]  # (B, n, 1, C, 2C)
+    if spec.segment_ids is not None:
+        q_seg = split(spec.segment_ids, -1)
+        mask &= q_seg[:, :, None, :, None] == with_previous(q_seg, -1)[:, :, None, None, :]
+    out = _softmax_attend(qb, kb, vb, mask, dropout, deterministic, "BnCNH,BnSNH->BnNCS|BnNCS,BnSNH->BnCNH")
+    return out.reshape(batch, blocks * size, heads, dim)[:, :length]
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None) -> Array:
+    """cuDNN's fused attention through `jax.nn.dot_product_attention`. Padding and segments go
+    in as a mask; the causal and sliding structure as `is_causal` and `local_window_size`, which
+    let cuDNN skip blocks."""
+    if jax.default_backend() != "gpu":
+        raise AttentionError(f'attention_impl "cudnn" needs a GPU; this is {jax.default_backend()}. Use "xla_blocked"')
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise AttentionError(f'attention_impl "cudnn" computes in bfloat16 or float16, got {q.dtype}; use "xla"')
+    itself = spec.index[:, None, :, None] == spec.index[:, None, None, :]  # no empty row for padding queries
+    mask = dense_mask(spec, window) | itself
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, local_window_size=None if window is None else (window - 1, 0),
+        implementation="cudnn",
+    )  # fmt: skip
+
+
+SPLASH_BLOCK = 128  # splash works on whole blocks: sequences are padded up to a multiple
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool, block: int) -> Any:
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    if window is None:
+        one = masks.CausalMask((length, length))
+    else:
+        one = masks.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv_compute=block, block_kv=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )  # fmt: skip
+    return splash.make_splash_mha(
+        masks.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def splash_attention(
+    q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None, interpret: bool | None = None
+) -> Array:
+    """Pallas splash attention (TPU): a causal or causal-and-local mask that skips empty blocks.
+    Padding and packed sequences travel as segment ids. Runs in the Pallas interpreter off TPU, for tests. Masks come from array indices, so
+    with splash the index of a token must be its column, as in every batch this library makes."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    _, length, heads, dim = q.shape
+    padded = math.ceil(length / SPLASH_BLOCK) * SPLASH_BLOCK
+    pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
+    seg = spec.segment_ids if spec.segment_ids is not None else jnp.zeros(spec.valid.shape, jnp.int32)
+    # Padding (and the block padding) is segment -1 on both sides: real tokens never see it, and
+    # a padding query sees at least itself, so no row is empty (an empty row would give NaN).
+    seg = jnp.pad(jnp.where(spec.valid, seg, -1).astype(jnp.int32), [(0, 0), (0, padded - length)], constant_values=-1)
+    kernel = _splash_kernel(padded, heads, window, interpret, SPLASH_BLOCK)
+    scale = dim**-0.5
+
+    def one(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array) -> Array:  # (N, T, H)
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=q_seg, kv=kv_seg))
+
+    heads_first = lambda x: jnp.pad(x, pad).transpose(0, 2, 1, 3)  # noqa: E731
+    out = jax.vmap(one)(heads_first(q * scale), heads_first(k), heads_first(v), seg, seg)
+    return out.transpose(0, 2, 1, 3)[:, :length].astype(q.dtype)
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    spec: MaskSpec,
+    window: int | None,
+    impl: str,
+    dropout: Any = None,
+    deterministic: bool = True,
+) -> Array:
+    """Attention of q over k, v (all (B, T, N, H)) under `spec`, by backend `impl`."""
+    impl = resolve(impl, q.dtype)
+    uses_dropout = dropout is not None and not deterministic
+    if impl in ("cudnn", "splash") and uses_dropout:
+        raise AttentionError(f'attention_impl "{impl}" has no attention dropout; use "xla" or "xla_blocked"')
+    if impl == "xla" or (impl == "xla_blocked" and window is None):
+        return xla_attention(q, k, v, spec, window, dropout, deterministic)
+    if impl == "xla_blocked":
+        return blocked_local_attention(q, k, v, spec, window, dropout, deterministic)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, spec, window)
+    return splash_attention(q, k, v, spec, window)
