@@ -91,3 +91,22 @@ def test_auto_and_errors():
     with pytest.raises(AttentionError, match='"splash" has no attention dropout'):
         model(random_ids(1, 8), deterministic=False)
     assert "attention_impl" not in ModernBertDecoderConfig().to_dict()  # a runtime choice
+
+
+def test_chunked_causal_global_attention_matches_dense():
+    """The global path of "xla_blocked" for long sequences, with chunks of 16 over 40 tokens
+    (a chunk that does not divide the length): outputs and gradients."""
+    from ettin_jax.attention import chunked_causal_attention, xla_attention
+
+    q, k, v, spec, valid = _inputs()
+    real = jnp.asarray(valid)[:, :, None, None]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) ** 2)
+
+    chunked = lambda q, k, v: chunked_causal_attention(q, k, v, spec, chunk=16)  # noqa: E731
+    dense = lambda q, k, v: xla_attention(q, k, v, spec, None)  # noqa: E731
+    np.testing.assert_allclose(np.where(real, chunked(q, k, v), 0), np.where(real, dense(q, k, v), 0), atol=2e-6)
+    grads = jax.grad(loss, argnums=(1, 2, 3))(chunked, q, k, v)
+    for g, r in zip(grads, jax.grad(loss, argnums=(1, 2, 3))(dense, q, k, v), strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-5)
