@@ -46,23 +46,43 @@ def cpu_model() -> str:
     return platform.processor() or "cpu"
 
 
+def busy_cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by the whole machine, by this process) so far; None off Linux. Their
+    difference over a step is what other programs took from the cores meanwhile."""
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    times = os.times()
+    return (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK"), times.user + times.system
+
+
 def timed(steps_by_side: dict[str, Callable[[], float]], warmup: int, steps: int) -> dict[str, dict[str, Any]]:
     """Runs each side's step `warmup` times untimed, then `steps` timed rounds that alternate the
     sides step by step, so that both see the same load on a shared machine. Each step returns its
     loss as a Python float, which waits for the step to finish. Per side: the first step's loss,
-    the warm-up's seconds, the timed steps' seconds and the last step's loss."""
+    the warm-up's seconds, the timed steps' seconds, the last step's loss and `others`, the cores
+    that other programs kept busy during the timed steps (None where that cannot be read)."""
     out = {}
     for side, step in steps_by_side.items():
         start = time.perf_counter()
         first = step()
         for _ in range(warmup - 1):
             step()
-        out[side] = {"first": first, "warmup_s": time.perf_counter() - start, "times": []}
+        out[side] = {"first": first, "warmup_s": time.perf_counter() - start, "times": [], "others_s": 0.0}
+    readable = busy_cpu_seconds() is not None
     for _ in range(steps):
         for side, step in steps_by_side.items():
+            before = busy_cpu_seconds()
             start = time.perf_counter()
             out[side]["last"] = step()
             out[side]["times"].append(time.perf_counter() - start)
+            after = busy_cpu_seconds()
+            if before and after:
+                out[side]["others_s"] += (after[0] - before[0]) - (after[1] - before[1])
+    for side in out:
+        out[side]["others"] = max(out[side]["others_s"], 0.0) / sum(out[side]["times"]) if readable else None
     return out
 
 
@@ -78,6 +98,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="lm,classify", help="comma-separated: lm, classify")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1: JAX compiles in the first)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's own, every core)"
+    )
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -103,7 +126,10 @@ def main() -> None:
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
     )
-    print(f"{machine}\n{versions}\ntorch threads: {torch.get_num_threads()} (torch's default, left as is)", flush=True)
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    threads = f"torch threads {torch.get_num_threads()} ({'set' if args.torch_threads else 'default'})"
+    print(f"{machine}\n{versions}\n{threads}", flush=True)
 
     tx = make_optimizer(
         OptimizerConfig(
@@ -181,8 +207,10 @@ def main() -> None:
 
             sps_ours, sps_theirs = 1 / statistics.median(times_ours), 1 / statistics.median(times_theirs)
             tokens = args.batch * args.length
+            others = [result[side]["others"] for side in ("ours", "theirs")]
+            load = "n/a" if None in others else f"{others[0]:.1f} / {others[1]:.1f} cores"
             row = (size, task, f"{args.batch} x {args.length}", sps_ours, sps_theirs, sps_ours / sps_theirs,
-                   tokens * sps_ours, tokens * sps_theirs, abs(first_ours - first_theirs))  # fmt: skip
+                   tokens * sps_ours, tokens * sps_theirs, abs(first_ours - first_theirs), load)  # fmt: skip
             rows.append(row)
             print(f"{size:>5} {task:>8}: first-step loss ettin-jax {first_ours:.6f}, transformers {first_theirs:.6f}, "
                   f"|diff| {abs(first_ours - first_theirs):.2e}; after {args.warmup + args.steps} steps "
@@ -190,23 +218,25 @@ def main() -> None:
             print(f"{size:>5} {task:>8}: ettin-jax {sps_ours:6.2f} steps/s ({tokens * sps_ours:8.0f} tok/s), "
                   f"transformers {sps_theirs:6.2f} steps/s ({tokens * sps_theirs:8.0f} tok/s), "
                   f"ratio {sps_ours / sps_theirs:5.2f}x; JAX warm-up (compile) {result['ours']['warmup_s']:.1f} s; "
-                  f"step seconds ettin-jax {spread(times_ours)}, transformers {spread(times_theirs)}", flush=True)  # fmt: skip
+                  f"step seconds ettin-jax {spread(times_ours)}, transformers {spread(times_theirs)}; "
+                  f"other programs' load during ettin-jax / transformers steps: {load}", flush=True)  # fmt: skip
 
     command = shlex.join(["python", "benchmarks/train.py", *sys.argv[1:]])
     header = (
         f"\n### train, {datetime.date.today()}, {machine}\n\n"
         f"{versions}; float32, AdamW (lr {LR}, weight decay {WEIGHT_DECAY} on matrices, no clipping), "
         f"same weights and batch on both sides (no padding), transformers attention "
-        f"{'/'.join(sorted(attn))}, torch threads {torch.get_num_threads()} (default); steps/s is one over the "
+        f"{'/'.join(sorted(attn))}, {threads}; steps/s is one over the "
         f"median of {args.steps} timed steps after {args.warmup} untimed (JAX compiles in the first), "
-        f"the sides alternating step by step, JAX blocked on every step. `{command}`\n\n"
+        f"the sides alternating step by step, JAX blocked on every step; `other load` is the cores other programs "
+        f"kept busy during the timed steps (from /proc/stat). `{command}`\n\n"
         "| shape | task | batch x length | ettin-jax steps/s | transformers steps/s | ratio "
-        "| ettin-jax tok/s | transformers tok/s | first-step loss diff |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| ettin-jax tok/s | transformers tok/s | first-step loss diff | other load |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     table = "".join(
-        f"| {s} | {t} | {bl} | {o:.2f} | {th:.2f} | {r:.2f}x | {to:.0f} | {tt:.0f} | {d:.1e} |\n"
-        for s, t, bl, o, th, r, to, tt, d in rows
+        f"| {s} | {t} | {bl} | {o:.2f} | {th:.2f} | {r:.2f}x | {to:.0f} | {tt:.0f} | {d:.1e} | {load} |\n"
+        for s, t, bl, o, th, r, to, tt, d, load in rows
     )
     print(header + table)
     if args.record:
