@@ -14,6 +14,7 @@ classifiers), so accumulating K micro-batches gives the gradient of one batch K 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -83,9 +84,11 @@ def row_losses(task: str, logits: Array, labels: Array) -> tuple[Array, Array]:
     sum(sums) / sum(counts), which is transformers' loss for every task."""
     logits = logits.astype(jnp.float32)
     if task == "causal_lm":  # logits (B, T, V), labels (B, T); position t predicts t + 1
-        targets = labels[:, 1:]
+        # The labels move left rather than the logits: slicing (B, T, V) logits would cost a
+        # copy forward and a padded copy of their gradient backward.
+        targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
         keep = targets != IGNORE_INDEX
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.where(keep, targets, 0))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
         return jnp.sum(ce * keep, axis=1), jnp.sum(keep, axis=1).astype(jnp.float32)
     if task == "single_label_classification":  # logits (B, L), labels (B,)
         keep = labels != IGNORE_INDEX
@@ -156,16 +159,49 @@ def _train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-# The state is donated: its buffers are reused for the new one.
-train_step = jax.jit(_train_step, donate_argnums=0)
-train_step.__doc__ = """train_step(state, batch, rng) -> (new state, {"loss", "grad_norm", "items"}).
-`rng` is the step's dropout key; the trainer passes fold_in(state.rng, state.step)."""
+# XLA:CPU hands reductions and elementwise fusions to YNNPACK by default; the bias gradient of
+# the vocabulary projection (a sum over a (B*T, V) array) runs about 10x slower there than in
+# XLA's own loops. Keeping YNNPACK for the matmuls alone made the 17m causal-LM step 1.2x faster
+# (benchmarks/RESULTS.md). Chosen at the first call, not at import, so that importing this
+# module does not start a JAX backend (jax.distributed.initialize must come first).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-@jax.jit
+@functools.cache
+def _compiled(fn: Any, donate: tuple[int, ...]) -> Any:
+    options = _CPU_OPTIONS if jax.default_backend() == "cpu" else None
+    jitted = jax.jit(fn, donate_argnums=donate, compiler_options=options)
+    if options is None:
+        return jitted
+    plain = jax.jit(fn, donate_argnums=donate)
+
+    def call(*args: Any) -> Any:
+        nonlocal jitted
+        try:
+            return jitted(*args)
+        except jax.errors.JaxRuntimeError as e:  # an XLA without this option: compile without it
+            if "xla_cpu_experimental_ynn_fusion_type" not in str(e):
+                raise
+            jitted = plain
+            return plain(*args)
+
+    return call
+
+
+def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step, jitted: (new state, {"loss", "grad_norm", "items"}). `rng` is the
+    step's dropout key; the trainer passes fold_in(state.rng, state.step). The state is donated:
+    its buffers are reused for the new one, so do not use `state` afterwards."""
+    return _compiled(_train_step, (0,))(state, batch, rng)
+
+
 def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     """Per-row loss sums and counts, and the logits of classifiers ((B, L)); no gradient. Takes
-    one micro-batch: `input_ids` (B, T)."""
+    one micro-batch: `input_ids` (B, T). Jitted."""
+    return _compiled(_eval_step, ())(state, batch)
+
+
+def _eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     model = state.model()
     logits = _forward(model, batch, deterministic=True)
     sums, counts = row_losses(state.task, logits, batch["labels"])
