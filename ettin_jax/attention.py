@@ -7,7 +7,8 @@
 |                 | instead of O(T²); global layers skip the key blocks after each query chunk    |
 | `"cudnn"`       | `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bf16/fp16         |
 | `"splash"`      | Pallas TPU splash attention with a causal-and-local mask; `interpret` on CPU   |
-| `"auto"`        | splash on TPU, cuDNN on GPU for half precision, else xla_blocked              |
+| `"auto"`        | splash on TPU, cuDNN on GPU for half precision, else xla_blocked for more     |
+|                 | than 1024 tokens and xla for fewer (the blocks cost more than they save there) |
 
 Every backend takes the same `MaskSpec`: token indices (masks come from indices, RoPE from
 position ids, as in transformers), which keys are real (padding), and optional segment ids
@@ -59,8 +60,11 @@ def dense_mask(spec: MaskSpec, window: int | None) -> Array:
     return mask
 
 
-def resolve(impl: str, dtype: Any) -> str:
-    """The concrete backend for `impl` on this platform and compute dtype."""
+BLOCKED_FROM = 1024  # "auto" on CPU: below this many tokens dense attention was faster (RESULTS.md)
+
+
+def resolve(impl: str, dtype: Any, length: int | None = None) -> str:
+    """The concrete backend for `impl` on this platform, compute dtype and sequence length."""
     if impl not in ATTENTION_IMPLS:
         raise AttentionError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
@@ -70,7 +74,7 @@ def resolve(impl: str, dtype: Any) -> str:
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "cudnn"
-    return "xla_blocked"
+    return "xla_blocked" if length is None or length > BLOCKED_FROM else "xla"
 
 
 def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dropout: Any, deterministic: bool, spec: str) -> Array:
@@ -226,7 +230,7 @@ def attend(
     deterministic: bool = True,
 ) -> Array:
     """Attention of q over k, v (all (B, T, N, H)) under `spec`, by backend `impl`."""
-    impl = resolve(impl, q.dtype)
+    impl = resolve(impl, q.dtype, q.shape[1])
     uses_dropout = dropout is not None and not deterministic
     if impl in ("cudnn", "splash") and uses_dropout:
         raise AttentionError(f'attention_impl "{impl}" has no attention dropout; use "xla" or "xla_blocked"')

@@ -77,7 +77,8 @@ def test_model_backends_agree_and_segments_equal_separate_sequences():
 
 
 def test_auto_and_errors():
-    assert resolve("auto", jnp.float32) == "xla_blocked"  # this machine: CPU
+    assert resolve("auto", jnp.float32, 4096) == "xla_blocked"  # this machine: CPU
+    assert resolve("auto", jnp.float32, 512) == "xla"  # short: dense was faster
     assert resolve("splash", jnp.float32) == "splash"
     q, k, v, spec, _ = _inputs()
     with pytest.raises(AttentionError, match='"cudnn" needs a GPU; this is cpu'):
