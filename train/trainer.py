@@ -329,10 +329,13 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     _write_lines(metrics_path, kept)
 
     def save(step: int, evaluated: dict[str, float] | None) -> None:
-        trainer_state = {"position": position, "best": best, "step": step}
+        # The save runs in the background while training goes on, so it gets copies: the next
+        # step donates (reuses) the state's buffers, and the loop mutates `position` in place.
+        trainer_state = json.loads(json.dumps({"position": position, "best": best, "step": step}))
+        saved = jax.tree.map(lambda x: np.array(x, copy=True), state.checkpoint())  # on the host, now
         manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state.checkpoint()), trainer=ocp.args.JsonSave(trainer_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(saved), trainer=ocp.args.JsonSave(trainer_state)),
             metrics=evaluated,
             force=True,
         )  # fmt: skip
