@@ -19,25 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
+from common import cpu_model, measure, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def measure(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation for JAX, allocator and kernels for PyTorch
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_peak(dtype: str, repeats: int = 5) -> float:
@@ -133,13 +121,7 @@ def main() -> None:
                   f"ratio {t_theirs / t_ours:5.2f}x, {100 * row[5]:5.1f}% of peak, max |logit diff| {diff:.1e}",
                   flush=True)  # fmt: skip
 
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = str(jax.devices()[0].device_kind) if args.device == "gpu" else f"{cpu}, {os.cpu_count()} cores"
+    device = str(jax.devices()[0].device_kind) if args.device == "gpu" else f"{cpu_model()}, {os.cpu_count()} cores"
     header = (
         f"\n### forward, {datetime.date.today()}, {device}\n\n"
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} ({torch_device}, sdpa), "
@@ -152,10 +134,7 @@ def main() -> None:
     table = "".join(
         f"| {s} | {i} | {t:.3f} | {o:.3f} | {r:.2f}x | {100 * p:.1f}% | {d:.1e} |\n" for s, i, t, o, r, p, d in rows
     )
-    print(header + table)
-    if args.record:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-            f.write(header + table)
+    report(header + table, args.record)
 
 
 if __name__ == "__main__":

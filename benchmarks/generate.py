@@ -14,24 +14,13 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
+from common import measure, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def measure(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation for JAX, allocator and kernels for PyTorch
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -92,10 +81,7 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- |\n"
     )
     table = "".join(f"| {s} | {b} | {t:.1f} | {o:.1f} | {r:.2f}x | {same} |\n" for s, b, t, o, r, same in rows)
-    print(header + table)
-    if args.record:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-            f.write(header + table)
+    report(header + table, args.record)
 
 
 if __name__ == "__main__":

@@ -28,22 +28,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from common import cpu_model, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TASKS = {"lm": "causal_lm", "classify": "single_label_classification"}
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def busy_cpu_seconds() -> tuple[float, float] | None:
@@ -238,10 +228,7 @@ def main() -> None:
         f"| {s} | {t} | {bl} | {o:.2f} | {th:.2f} | {r:.2f}x | {to:.0f} | {tt:.0f} | {d:.1e} | {load} |\n"
         for s, t, bl, o, th, r, to, tt, d, load in rows
     )
-    print(header + table)
-    if args.record:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-            f.write(header + table)
+    report(header + table, args.record)
 
 
 if __name__ == "__main__":
