@@ -5,6 +5,7 @@ Installed as `ettin_jax.convert` (see `[tool.setuptools.package-dir]` in pyproje
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.convert.checkpoint import (
     CheckpointError,
     build_model,
+    checkpoint_fingerprint,
     checkpoint_format,
     read_checkpoint,
     save_pretrained,
@@ -41,14 +43,24 @@ def load_pretrained(
     legacy_rope: bool = False,
     progress: bool = False,
     seed: int = 0,
+    mesh: Any = None,
     **config_overrides: Any,
 ) -> Any:
-    """`cls` (one of the three model classes) with the weights at `path_or_repo_id`."""
+    """`cls` (one of the three model classes) with the weights at `path_or_repo_id`. With a
+    `mesh` (`ettin_jax.sharding.make_mesh`) the params are sharded over it and each process
+    reads only the slices of the safetensors its own devices hold; with several processes,
+    they must all load the same config and checkpoint (checked)."""
+    from ettin_jax import distributed
+
     directory = resolve(path_or_repo_id, revision)
     # Overrides go through replace(), which rejects misspelt fields instead of dropping them.
     config = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope).replace(**config_overrides)
+    distributed.agree("config", distributed.fingerprint(json.dumps(config.to_dict(), sort_keys=True), cls.__name__))
+    distributed.agree("checkpoint", checkpoint_fingerprint(directory))
     checkpoint = read_checkpoint(directory)
-    return build_model(cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress)
+    return build_model(
+        cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress, mesh=mesh
+    )
 
 
 ARCHITECTURES = ("ModernBertDecoderForCausalLM", "ModernBertDecoderForSequenceClassification", "ModernBertDecoderModel")

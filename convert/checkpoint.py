@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from ettin_jax import sharding
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.convert.keys import Path, to_key, to_path
 from ettin_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsFile, save_file
@@ -49,6 +51,9 @@ HEADS = {"ModernBertDecoderForCausalLM": ("lm_head", "decoder"),
 ALL_HEAD_ROOTS = frozenset(root for roots in HEADS.values() for root in roots)
 
 
+log = logging.getLogger("ettin_jax.convert")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors."""
 
@@ -57,7 +62,14 @@ class CheckpointError(ValueError):
 class Tensor:
     name: str  # as the file names it, for messages
     shape: tuple[int, ...]  # in our layout
-    read: Callable[[], np.ndarray]  # returns the array in our layout
+    # Returns the array in our layout. For safetensors it is a memory-mapped view: nothing is
+    # read until it is copied, so a slice of it reads only that slice's bytes.
+    read: Callable[[], np.ndarray]
+
+
+# Bytes this process has read from checkpoint tensors through sharded loading (tests and the
+# log report it; a host that reads only its own slices reads a fraction of the model).
+LOAD_STATS = {"bytes_read": 0}
 
 
 Checkpoint = dict[Path, Tensor]
@@ -172,6 +184,29 @@ def read_flax(directory: str) -> Checkpoint:
     return checkpoint
 
 
+def checkpoint_fingerprint(directory: str) -> str:
+    """A digest of a checkpoint's weight files: names, sizes, and their first and last 64 KiB
+    (the safetensors header, and tensor bytes from both ends). Cheap at any model size, and
+    two different fine-tunes of one shape differ in it."""
+    from ettin_jax.distributed import fingerprint
+
+    parts: list[Any] = []
+    weights = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+    for root, _, files in sorted(os.walk(directory)):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if not (weights.match(rel) or rel.startswith(FLAX_PARAMS + os.sep)):
+                continue
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(65536)
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+            parts += [rel, size, head, tail]
+    return fingerprint(*parts)
+
+
 def read_checkpoint(directory: str) -> Checkpoint:
     return read_flax(directory) if checkpoint_format(directory) == "flax" else read_transformers(directory)
 
@@ -245,8 +280,10 @@ def build_model(
     param_dtype: Any = jnp.float32,
     seed: int = 0,
     progress: bool = False,
+    mesh: Any = None,
 ) -> Any:
-    """An instance of `cls` whose params come from `checkpoint`."""
+    """An instance of `cls` whose params come from `checkpoint`. With a `mesh`, every param is
+    placed by `ettin_jax.sharding` and each process reads only the slices its devices hold."""
 
     def construct() -> Any:
         return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
@@ -287,12 +324,43 @@ def build_model(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="loading", unit="tensor")
+    if mesh is not None:
+        sharding.check_config(config, mesh)
+        values = {p: sharding.put(v, sharding.param_sharding(p, np.shape(v), mesh)) for p, v in values.items()}
+        read_before = LOAD_STATS["bytes_read"]
     for path, tensor in items:
-        array = np.asarray(tensor.read())
-        values[path] = jnp.asarray(array.astype(params[path].dtype, copy=False))
+        if mesh is None:
+            array = np.asarray(tensor.read())
+            values[path] = jnp.asarray(array.astype(params[path].dtype, copy=False))
+        else:
+            target = sharding.param_sharding(path, tensor.shape, mesh)
+            values[path] = _read_sharded(tensor, params[path].dtype, target)
+    if mesh is not None:
+        total = sum(int(np.prod(t.shape)) * t.read().dtype.itemsize for t in plan.source.values())
+        read = LOAD_STATS["bytes_read"] - read_before
+        log.info(
+            "process %d read %d of the checkpoint's %d bytes (%.0f%%) for its own devices",
+            jax.process_index(), read, total, 100 * read / max(total, 1),
+        )  # fmt: skip
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
     nnx.update(model, state)
     return model
+
+
+def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> jax.Array:
+    """A global array with `target` sharding, each process reading only its devices' slices,
+    and each distinct slice once (replicas on several local devices share one read)."""
+    parts: dict[tuple, np.ndarray] = {}
+
+    def fetch(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in parts:
+            source = np.asarray(tensor.read()[index])  # a memory-mapped file reads these bytes only
+            LOAD_STATS["bytes_read"] += source.nbytes
+            parts[key] = source.astype(dtype, copy=False)
+        return parts[key]
+
+    return jax.make_array_from_callback(tuple(tensor.shape), target, fetch)
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -302,7 +370,7 @@ def transformers_state_dict(model: Any) -> dict[str, np.ndarray]:
     out = {}
     for path, value in params.items():
         key, transpose = to_key(path)
-        array = np.asarray(jax.device_get(value))
+        array = sharding.to_host(value)  # gathered from every process when the params span several
         out[key] = np.ascontiguousarray(array.T) if transpose else array
     return out
 
@@ -349,9 +417,16 @@ def _remove_other_weights(directory: str, keep: str) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def save_transformers(model: Any, directory: str) -> None:
+def save_transformers(model: Any, directory: str, tensors: dict[str, np.ndarray] | None = None) -> None:
+    """config.json and model.safetensors. With several processes, all of them gather the params
+    and process 0 writes (`tensors`: already gathered ones)."""
+    from ettin_jax import distributed
+
+    if tensors is None:
+        tensors = transformers_state_dict(model)
+    if not distributed.is_primary():
+        return
     os.makedirs(directory, exist_ok=True)
-    tensors = transformers_state_dict(model)
     write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
     write_atomically(os.path.join(directory, SAFETENSORS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
     _remove_other_weights(directory, SAFETENSORS)

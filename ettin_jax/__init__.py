@@ -1,5 +1,6 @@
 """ettin-jax: the ModernBERT Decoder (Ettin decoders) in JAX and Flax NNX."""
 
+from ettin_jax import sharding
 from ettin_jax.config import ETTIN_SIZES, ConfigError, ModernBertDecoderConfig
 from ettin_jax.modeling import (
     BaseModelOutput,
@@ -26,4 +27,5 @@ __all__ = [
     "ModernBertDecoderModel",
     "SequenceClassifierOutput",
     "pipeline",
+    "sharding",
 ]

@@ -129,7 +129,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.output_file and not args.input_file:
         raise CommandError("--output-file needs --input-file")
-    generator = pipeline("text-generation", model=args.model, dtype=args.dtype)
+    from ettin_jax import distributed, sharding
+
+    mesh = sharding.mesh_from_arg(args.mesh)
+    generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
+    # Every process runs every batch (each on its own devices' rows); process 0 writes.
+    primary = distributed.is_primary()
     kwargs = _sampling_kwargs(args)
     if args.input_file:
         prompts = _read_prompts(args.input_file)
@@ -154,7 +159,7 @@ def _generate(args: argparse.Namespace) -> int:
     results: list[list[dict]] = [[] for _ in prompts]
     new_tokens = 0
     start = time.perf_counter()
-    with tqdm(total=len(prompts), unit="prompt", disable=not args.input_file) as bar:
+    with tqdm(total=len(prompts), unit="prompt", disable=not args.input_file or not primary) as bar:
         for first in range(0, len(order), args.batch_size):
             chunk = order[first : first + args.batch_size]
             outputs = generator([prompts[i] for i in chunk], batch_size=args.batch_size, return_tensors=True, **kwargs)
@@ -163,6 +168,8 @@ def _generate(args: argparse.Namespace) -> int:
                 new_tokens += sum(len(o["generated_token_ids"]) for o in output)
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
+    if not primary:
+        return 0
     if args.output_file:
         _write_jsonl(
             args.output_file,
@@ -205,6 +212,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ettin_jax import distributed
+
     parser = argparse.ArgumentParser(prog="ettin-jax", description="ModernBERT Decoder (Ettin) in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser(
@@ -243,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
     generate.add_argument("--input-file", help='prompts: .txt (one a line) or .jsonl ({"prompt": ...})')
     generate.add_argument("--output-file", help="results as .jsonl (written atomically)")
+    distributed.add_arguments(generate)
     generate.set_defaults(run=_generate)
 
     run = commands.add_parser("run", help="a pipeline over stdin, like `transformers run`")
@@ -258,19 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """Our loggers at INFO on stderr; other libraries' loggers untouched."""
+    import logging
+
+    logger = logging.getLogger("ettin_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # a root handler (set up by a library) would print each line twice
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ettin_jax import distributed, sharding
     from ettin_jax.config import ConfigError
     from ettin_jax.convert import CheckpointError, CheckpointFormatError
     from ettin_jax.generation import GenerationError
     from ettin_jax.modeling import InputError
     from ettin_jax.train.trainer import DataError, TrainingError
 
+    _log_to_stderr()
     try:
+        if hasattr(args, "distributed"):
+            distributed.from_arguments(args)  # before anything runs JAX
         return args.run(args)
     except (
         CommandError, ConfigError, CheckpointError, CheckpointFormatError, GenerationError, InputError,
-        DataError, TrainingError, OSError,
+        DataError, TrainingError, OSError, distributed.DistributedError, sharding.ShardingError,
     ) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ettin_jax import sharding
 from ettin_jax.modeling import LayerCache
 from ettin_jax.sampling import SamplingConfig, choose, process_logits
 
@@ -53,7 +55,9 @@ class Batch:
     width: int  # the returned prompt width: the longest prompt
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, batch_bucket: bool = True) -> Batch:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, batch_bucket: bool = True, batch_multiple: int = 1
+) -> Batch:
     if not prompts:
         raise GenerationError("no prompts given")
     for i, prompt in enumerate(prompts):
@@ -62,6 +66,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, batch_bucket: bool =
     width = max(len(p) for p in prompts)
     rows = len(prompts)
     batch, length = (bucket(rows, 1) if batch_bucket else rows), bucket(width)
+    batch = -(-batch // batch_multiple) * batch_multiple  # whole rows for every batch shard
     ids = np.full((batch, length), pad_id, np.int32)
     valid = np.zeros((batch, length), bool)
     for i, prompt in enumerate(prompts):
@@ -207,6 +212,7 @@ class _Request:
     max_new: int
     min_new: int
     seed: int
+    mesh: Any  # the model's mesh, or None
 
 
 def _prepare(
@@ -268,9 +274,18 @@ def _prepare(
         eos = tuple(int(t) for t in eos_token_id)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    batch = left_pad(prompts, pad_token_id)
+    mesh = sharding.mesh_of(nnx.state(model, nnx.Param))
+    batch = left_pad(prompts, pad_token_id, batch_multiple=sharding.batch_ways(mesh))
     static = _Static(sampling.static(), eos, int(pad_token_id), bucket(max_new_tokens))
-    return _Request(batch, sampling, static, max_new_tokens, min_new_tokens, seed)
+    return _Request(batch, sampling, static, max_new_tokens, min_new_tokens, seed, mesh)
+
+
+def _place(mesh: Any, rows: dict[str, Any], shared: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On a mesh: `rows` split over its batch axes, `shared` replicated; without one, as given."""
+    if mesh is None:
+        return rows, shared
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return sharding.put_batch(rows, mesh), jax.tree.map(lambda x: sharding.put(x, replicated), shared)
 
 
 def generate(
@@ -303,13 +318,20 @@ def generate(
     batch = request.batch
     graphdef, state = nnx.split(model)
     active = np.arange(batch.ids.shape[0]) < batch.rows
-    out, steps = _generate_program(
-        graphdef, state, batch.ids, batch.valid, active, jnp.int32(request.max_new), jnp.int32(request.min_new),
-        request.sampling.values(), jax.random.key(request.seed), static=request.static,
+    rows, shared = _place(
+        request.mesh,
+        {"ids": batch.ids, "valid": batch.valid, "active": active},
+        {"max_new": np.int32(request.max_new), "min_new": np.int32(request.min_new),
+         "values": request.sampling.values(), "key": jax.random.key(request.seed)},
     )  # fmt: skip
-    steps = int(steps)
+    with sharding.activate(request.mesh):
+        out, steps = _generate_program(
+            graphdef, state, rows["ids"], rows["valid"], rows["active"], shared["max_new"], shared["min_new"],
+            shared["values"], shared["key"], static=request.static,
+        )  # fmt: skip
+    steps = int(sharding.to_host(steps))
     prompt = batch.ids[: batch.rows, batch.ids.shape[1] - batch.width :]
-    return np.concatenate([prompt, np.asarray(out)[: batch.rows, :steps]], axis=1)
+    return np.concatenate([prompt, sharding.to_host(out)[: batch.rows, :steps]], axis=1)
 
 
 def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
@@ -319,18 +341,30 @@ def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kw
     batch, static = request.batch, request.static
     graphdef, state = nnx.split(model)
     prompt_length = batch.ids.shape[1]
-    logits, positions, caches, kernel = _prefill_program(
-        graphdef, state, batch.ids, batch.valid, cache_length=prompt_length + static.new_bucket
-    )
-    ids = jnp.asarray(batch.ids)
-    seen = jnp.zeros(logits.shape, bool).at[jnp.arange(ids.shape[0])[:, None], ids].max(jnp.asarray(batch.valid))
-    done = jnp.asarray(np.arange(ids.shape[0]) >= batch.rows)
-    values, key = request.sampling.values(), jax.random.key(request.seed)
-    for step in range(request.max_new):
-        tokens, logits, seen, done, positions, caches = _stream_program(
-            graphdef, state, kernel, logits, seen, done, positions, caches, jnp.int32(prompt_length + step), jnp.int32(step),
-            jnp.int32(request.min_new), values, key, static=static,
-        )  # fmt: skip
-        yield np.asarray(tokens)[: batch.rows]
-        if bool(jnp.all(done)):
-            return
+    mesh = request.mesh
+    rows, shared = _place(
+        mesh,
+        {"ids": batch.ids, "valid": batch.valid, "done": np.arange(batch.ids.shape[0]) >= batch.rows},
+        {"min_new": np.int32(request.min_new), "values": request.sampling.values(), "key": jax.random.key(request.seed)},
+    )  # fmt: skip
+    with sharding.activate(mesh):
+        logits, positions, caches, kernel = _prefill_program(
+            graphdef, state, rows["ids"], rows["valid"], cache_length=prompt_length + static.new_bucket
+        )
+        seen = _seen(rows["ids"], rows["valid"], logits.shape[-1])
+        done = rows["done"]
+        for step in range(request.max_new):
+            counters = _place(mesh, {}, {"index": np.int32(prompt_length + step), "step": np.int32(step)})[1]
+            tokens, logits, seen, done, positions, caches = _stream_program(
+                graphdef, state, kernel, logits, seen, done, positions, caches, counters["index"], counters["step"],
+                shared["min_new"], shared["values"], shared["key"], static=static,
+            )  # fmt: skip
+            yield sharding.to_host(tokens)[: batch.rows]
+            if sharding.to_host(done).all():
+                return
+
+
+@functools.partial(jax.jit, static_argnames=("vocab",))
+def _seen(ids: Array, valid: Array, vocab: int) -> Array:
+    """(B, V) bool: which ids each prompt holds (for the repetition penalty)."""
+    return jnp.zeros((ids.shape[0], vocab), bool).at[jnp.arange(ids.shape[0])[:, None], ids].max(valid)

@@ -27,6 +27,7 @@ from flax import nnx
 from ettin_jax import config as config_module
 from ettin_jax.attention import MASK_VALUE, MaskSpec, attend
 from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
+from ettin_jax.sharding import constrain
 
 Array = jax.Array
 DType = Any
@@ -155,7 +156,9 @@ class LayerCache:
         shape = (batch, num_heads, slots, head_dim)
         # Separate buffers: aliased k and v would make XLA copy them to update either in place.
         return cls(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), positions=jnp.full((batch, slots), -1, jnp.int32)
+            k=constrain(jnp.zeros(shape, dtype), "cache"),
+            v=constrain(jnp.zeros(shape, dtype), "cache"),
+            positions=constrain(jnp.full((batch, slots), -1, jnp.int32), "cache_positions"),
         )
 
     def write(self, k: Array, v: Array, positions: Array, index: Array | int) -> LayerCache:
@@ -230,12 +233,12 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids: Array | None, inputs_embeds: Array | None, deterministic: bool) -> Array:
         if inputs_embeds is None:
-            table = self.tok_embeddings.embedding[...]
+            table = constrain(self.tok_embeddings.embedding[...], "embedding_lookup")
             # Out-of-range ids give NaN rather than a silently clamped row (ids that are not
             # concrete, under jit, cannot be checked in Python).
             inputs_embeds = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
             inputs_embeds = inputs_embeds.astype(self.tok_embeddings.dtype)
-        return _drop(self.drop, self.norm(inputs_embeds), deterministic)
+        return constrain(_drop(self.drop, self.norm(inputs_embeds), deterministic), "hidden")
 
 
 class Attention(nnx.Module):
@@ -255,9 +258,9 @@ class Attention(nnx.Module):
     def qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k."""
         heads = (*x.shape[:2], self.num_heads, self.head_dim)
-        q = self.q_proj(x).reshape(heads)
-        k = self.k_proj(x).reshape(heads)
-        v = self.v_proj(x).reshape(heads)
+        q = constrain(self.q_proj(x).reshape(heads), "heads")
+        k = constrain(self.k_proj(x).reshape(heads), "heads")
+        v = constrain(self.v_proj(x).reshape(heads), "heads")
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(
@@ -302,7 +305,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array, deterministic: bool) -> Array:
         inputs, gate = jnp.split(self.Wi(x), 2, axis=-1)  # (B, T, F) each
-        return self.Wo(_drop(self.drop, self.act(inputs) * gate, deterministic))
+        h = constrain(self.act(inputs) * gate, "mlp")
+        return self.Wo(_drop(self.drop, h, deterministic))
 
 
 class DecoderLayer(nnx.Module):
@@ -327,7 +331,7 @@ class DecoderLayer(nnx.Module):
         h = x if self.attn_norm is None else self.attn_norm(x)
         attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index)
         x = x + attn
-        return x + self.mlp(self.mlp_norm(x), deterministic), cache
+        return constrain(x + self.mlp(self.mlp_norm(x), deterministic), "hidden"), cache
 
 
 class PredictionHead(nnx.Module):
@@ -357,15 +361,17 @@ class PretrainedMixin:
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         revision: str | None = None,
+        mesh: Any = None,
         **config_overrides: Any,
     ) -> Any:
         """Loads a transformers checkpoint (safetensors, sharded or not, or pytorch_model.bin),
         a Hub repo id, or a directory written by `save_pretrained(format="flax")`.
-        Keyword arguments such as `num_labels`, `problem_type` or `id2label` override the config."""
+        Keyword arguments such as `num_labels`, `problem_type` or `id2label` override the config.
+        With a `mesh` (`ettin_jax.sharding.make_mesh`), params are sharded over it as they load."""
         from ettin_jax.convert import load_pretrained
 
         return load_pretrained(
-            cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision,
+            cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision, mesh=mesh,
             **config_overrides,
         )  # fmt: skip
 
@@ -514,7 +520,7 @@ class LMDecoder(nnx.Module):
         logits = jnp.einsum("BTD,DV->BTV", x, kernel.astype(self.dtype))
         if self.bias is not None:
             logits = logits + self.bias[...].astype(self.dtype)
-        return logits
+        return constrain(logits, "logits")
 
 
 class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import pytest
 from helpers import TINY, VOCAB, WINDOW, random_ids, tiny_config, to_numpy, torch_model
+
+# Eight CPU devices, as `XLA_FLAGS=--xla_force_host_platform_device_count=8` gives, so the
+# sharding tests have a mesh to use; everything else runs on the first device as before.
+# (helpers imports torch and transformers, neither of which starts a JAX backend.)
+jax.config.update("jax_num_cpu_devices", 8)
 
 __all__ = ["TINY", "VOCAB", "WINDOW", "random_ids", "tiny_config", "to_numpy", "torch_model"]
 

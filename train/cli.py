@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
 
+from ettin_jax import distributed
 from ettin_jax.train.trainer import PREEMPTED_EXIT, TrainArgs, main_summary
 
 
@@ -65,6 +64,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    distributed.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,12 +74,6 @@ def run(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None
-    logger = logging.getLogger("ettin_jax")  # ours at INFO; other libraries' loggers untouched
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     summary = train(TrainArgs(**values))
     print(main_summary(summary))
     return PREEMPTED_EXIT if summary["status"] == "preempted" else 0

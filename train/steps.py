@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ettin_jax import sharding
 from ettin_jax.modeling import IGNORE_INDEX
 
 Array = jax.Array
@@ -64,13 +66,31 @@ def task_of(model: nnx.Module) -> str:
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """The state of a model about to train. On a sharded model (`ettin_jax.sharding`) the
+    optimizer's moments are sharded like their params, and the step and RNG replicated."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
+    step, rng = jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
+    mesh = sharding.mesh_of(params)
+    if mesh is None:
+        opt_state = tx.init(params)
+    else:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        out_shardings = optax.tree_map_params(
+            tx,
+            lambda _, param_sharding: param_sharding,
+            jax.eval_shape(tx.init, params),
+            jax.tree.map(lambda x: x.sharding, params),
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+        opt_state = jax.jit(tx.init, out_shardings=out_shardings)(params)
+        step, rng = sharding.put(step, replicated), sharding.put(rng, replicated)
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
+        step=step,
         params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.PRNGKey(seed),
+        opt_state=opt_state,
+        rng=rng,
         rest=rest,
         graphdef=graphdef,
         tx=tx,
@@ -192,13 +212,15 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[
     """One optimizer step, jitted: (new state, {"loss", "grad_norm", "items"}). `rng` is the
     step's dropout key; the trainer passes fold_in(state.rng, state.step). The state is donated:
     its buffers are reused for the new one, so do not use `state` afterwards."""
-    return _compiled(_train_step, (0,))(state, batch, rng)
+    with sharding.activate(sharding.mesh_of(state.params)):
+        return _compiled(_train_step, (0,))(state, batch, rng)
 
 
 def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     """Per-row loss sums and counts, and the logits of classifiers ((B, L)); no gradient. Takes
     one micro-batch: `input_ids` (B, T). Jitted."""
-    return _compiled(_eval_step, ())(state, batch)
+    with sharding.activate(sharding.mesh_of(state.params)):
+        return _compiled(_eval_step, ())(state, batch)
 
 
 def _eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:

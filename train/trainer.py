@@ -32,7 +32,12 @@ from ettin_jax.train.data import PROBLEM_TYPES, Batches, DataError, Examples
 log = logging.getLogger("ettin_jax.train")
 
 # Arguments that may differ between a run and its resumption; every other one must match.
-_MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "progress", "save_steps", "eval_steps", "log_steps", "save_total_limit"}
+# A run may resume on another mesh or number of processes (orbax restores to the new
+# shardings), and from a directory that was moved or copied.
+_MAY_CHANGE_ON_RESUME = {
+    "resume", "overwrite", "progress", "save_steps", "eval_steps", "log_steps", "save_total_limit", "mesh",
+    "output_dir",
+}  # fmt: skip
 PREEMPTED_EXIT = 143  # 128 + SIGTERM
 
 
@@ -74,6 +79,7 @@ class TrainArgs:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: one device
 
     def __post_init__(self) -> None:
         if self.task not in ("classify", "lm"):
@@ -99,7 +105,22 @@ class TrainArgs:
 
 # ---- the output directory -----------------------------------------------------------------
 def prepare_output_dir(args: TrainArgs) -> bool:
-    """Creates or checks the output directory; True when there is a run to resume."""
+    """Creates or checks the output directory; True when there is a run to resume. With several
+    processes, each checks, then process 0 alone writes."""
+    from ettin_jax import distributed
+
+    resuming = _check_output_dir(args)
+    distributed.barrier("output-dir-checked")
+    if distributed.is_primary() and not resuming:
+        if args.overwrite and os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        _write_json(os.path.join(args.output_dir, "run.json"), args.identity())
+    distributed.barrier("output-dir-ready")
+    return resuming
+
+
+def _check_output_dir(args: TrainArgs) -> bool:
     out = args.output_dir
     run_file = os.path.join(out, "run.json")
     if os.path.isdir(out) and os.listdir(out):
@@ -109,7 +130,7 @@ def prepare_output_dir(args: TrainArgs) -> bool:
                     f"{out} is not empty and holds no ettin-jax run (no run.json); refusing to delete it, "
                     "choose another --output-dir"
                 )
-            shutil.rmtree(out)
+            return False  # deleted by prepare_output_dir
         elif not os.path.isfile(run_file):
             raise TrainingError(f"{out} is not empty and holds no ettin-jax run (no run.json); choose another")
         elif not args.resume:
@@ -123,8 +144,6 @@ def prepare_output_dir(args: TrainArgs) -> bool:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in differ)
                 raise TrainingError(f"{out} holds a different run; --resume needs the same arguments ({details})")
             return True
-    os.makedirs(out, exist_ok=True)
-    _write_json(run_file, args.identity())
     return False
 
 
@@ -152,10 +171,13 @@ class Prepared:
 
 
 def prepare(args: TrainArgs) -> Prepared:
-    """Reads and tokenizes the data, then loads the model with a head for its labels."""
+    """Reads and tokenizes the data, then loads the model with a head for its labels (sharded
+    over `args.mesh` if given). Every process reads all the data: batches are built the same
+    everywhere, and each process places only its own devices' rows."""
     import jax.numpy as jnp
     from transformers import AutoTokenizer
 
+    from ettin_jax import sharding
     from ettin_jax.config import ModernBertDecoderConfig
     from ettin_jax.convert import load_pretrained, resolve
     from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
@@ -176,6 +198,11 @@ def prepare(args: TrainArgs) -> Prepared:
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     max_length = min(args.max_length, config.max_position_embeddings)
     dtype = jnp.dtype(args.dtype)
+    mesh = sharding.mesh_from_arg(args.mesh)
+    ways = sharding.batch_ways(mesh)
+    for flag, size in (("--batch-size", args.batch_size), ("--eval-batch-size", args.eval_batch_size)):
+        if size is not None and size % ways:
+            raise TrainingError(f"{flag} {size} does not split over the mesh's {ways} batch shards (data x fsdp)")
 
     tables = {"train": data.read_table(args.train_file)}
     if args.eval_file:
@@ -191,7 +218,7 @@ def prepare(args: TrainArgs) -> Prepared:
             )
             for split, t in tables.items()
         }
-        model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed)
+        model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
         return Prepared(model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id)
 
     train_labels = data.column(tables["train"], args.label_column, args.train_file)
@@ -219,6 +246,7 @@ def prepare(args: TrainArgs) -> Prepared:
         id2label=dict(enumerate(names)),
         problem_type=kind,
         pad_token_id=pad_id,
+        mesh=mesh,
     )
     return Prepared(model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id)
 
@@ -254,6 +282,16 @@ class _Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: they must all stop at the same step."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
     def __exit__(self, *exc: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
@@ -266,6 +304,7 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
+    from ettin_jax import distributed, sharding
     from ettin_jax.train import metrics
     from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
     from ettin_jax.train.steps import create_train_state, train_step
@@ -290,6 +329,8 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     model = prepared.model
     model.model.remat = args.remat
     state = create_train_state(model, make_optimizer(opt), args.seed)
+    mesh = sharding.mesh_of(state.params)
+    primary = distributed.is_primary()  # the one process that writes the run's files
 
     greater = metrics.greater_is_better(args.metric_for_best)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
@@ -326,13 +367,14 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
         log.info("--resume: %s has no checkpoint yet; starting from step 0", out)
     # The metrics file tells one run's story: drop what a killed run logged after its checkpoint.
     kept = [r for r in metrics.read_metrics(metrics_path) if r["step"] <= start] if os.path.exists(metrics_path) else []
-    _write_lines(metrics_path, kept)
+    if primary:
+        _write_lines(metrics_path, kept)
 
     def save(step: int, evaluated: dict[str, float] | None) -> None:
         # The save runs in the background while training goes on, so it gets copies: the next
         # step donates (reuses) the state's buffers, and the loop mutates `position` in place.
         trainer_state = json.loads(json.dumps({"position": position, "best": best, "step": step}))
-        saved = jax.tree.map(lambda x: np.array(x, copy=True), state.checkpoint())  # on the host, now
+        saved = jax.tree.map(sharding.snapshot, state.checkpoint())  # through the host, now
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(saved), trainer=ocp.args.JsonSave(trainer_state)),
@@ -345,10 +387,14 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     status = "finished"
     try:
-        with _Preemption() as preemption, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        log_to = metrics_path if primary else os.devnull
+        with _Preemption() as preemption, open(log_to, "a", encoding="utf-8") as metrics_file:
             while step < total:
                 batch, _ = train_batches.batch(position["epoch"], position["index"])
+                if mesh is not None:
+                    batch = sharding.put_batch(batch, mesh, axis=1)  # (K, B, ...): rows split
                 state, m = train_step(state, batch, jax.random.fold_in(state.rng, state.step))
+                m = {k: sharding.to_host(v) for k, v in m.items()}
                 position["index"] += 1
                 if position["index"] == train_batches.num_batches:
                     position = {"epoch": position["epoch"] + 1, "index": 0}
@@ -394,16 +440,18 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
                     metrics_file.flush()
                 if on_step is not None:
                     on_step(step, m)
-                if step % args.save_steps == 0 or step == total or evaluated is not None or preemption.requested:
+                stop = preemption.agreed()
+                if step % args.save_steps == 0 or step == total or evaluated is not None or stop:
                     save(step, evaluated)
-                if preemption.requested and step < total:
+                if stop and step < total:
                     status = "preempted"
                     break
     finally:
         # Also on an exception: a checkpoint being written is finished, never left half-done.
         bar.close()
         manager.wait_until_finished()
-    _plot(metrics_path, os.path.join(out, "metrics.png"))
+    if primary:
+        _plot(metrics_path, os.path.join(out, "metrics.png"))
     summary = {"status": status, "step": step, "total_steps": total, "best": best, "output_dir": out}
     if status == "preempted":
         log.warning("SIGTERM: saved a checkpoint at step %d in %s; continue with --resume", step, out)
@@ -422,19 +470,24 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
 
 def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float]:
     """Eval metrics, each prefixed `eval_`."""
+    from ettin_jax import sharding
     from ettin_jax.train import metrics
     from ettin_jax.train.steps import eval_step
 
+    mesh = sharding.mesh_of(state.params)
     size = args.eval_batch_size or args.batch_size
     length = args.max_length if args.task == "classify" else args.block_size
     batches = Batches(prepared.eval, size, prepared.pad_id, length, shuffle=False)
     sums, counts, logits = [], [], []
     for batch, rows in batches.epoch(0):
-        out = eval_step(state, {k: v[0] for k, v in batch.items()})
-        sums.append(np.asarray(out["loss_sum"])[:rows])
-        counts.append(np.asarray(out["count"])[:rows])
+        batch = {k: v[0] for k, v in batch.items()}
+        if mesh is not None:
+            batch = sharding.put_batch(batch, mesh)
+        out = {k: sharding.to_host(v) for k, v in eval_step(state, batch).items()}
+        sums.append(out["loss_sum"][:rows])
+        counts.append(out["count"][:rows])
         if "logits" in out:
-            logits.append(np.asarray(out["logits"])[:rows])
+            logits.append(out["logits"][:rows])
     loss_sum, count = float(np.sum(np.concatenate(sums))), float(np.sum(np.concatenate(counts)))
     if state.task == "causal_lm":
         result = metrics.lm_metrics(loss_sum, int(count))
@@ -449,19 +502,25 @@ def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float
 
 
 def _export(state: Any, prepared: Prepared, directory: str) -> None:
-    """The model in transformers format plus the tokenizer, published by one rename."""
-    from ettin_jax.convert.checkpoint import make_staging_dir
+    """The model in transformers format plus the tokenizer, published by one rename. Every
+    process gathers the params; process 0 writes."""
+    from ettin_jax import distributed
+    from ettin_jax.convert.checkpoint import make_staging_dir, save_transformers, transformers_state_dict
 
-    parent = os.path.dirname(directory)
-    staging = make_staging_dir(parent, f".{os.path.basename(directory)}.tmp-")
-    try:
-        state.model().save_pretrained(staging)
-        prepared.tokenizer.save_pretrained(staging)
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    model = state.model()
+    tensors = transformers_state_dict(model)  # a collective when the params span processes
+    if distributed.is_primary():
+        parent = os.path.dirname(directory)
+        staging = make_staging_dir(parent, f".{os.path.basename(directory)}.tmp-")
+        try:
+            save_transformers(model, staging, tensors)
+            prepared.tokenizer.save_pretrained(staging)
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    distributed.barrier(f"export-{os.path.basename(directory)}")
 
 
 def _write_lines(path: str, records: list[dict[str, Any]]) -> None:
