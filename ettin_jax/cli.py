@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 DTYPES = ("float32", "bfloat16")
 # Files besides the weights that make a directory usable on its own (tokenizer, generation).
@@ -268,17 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_stderr() -> None:
-    """Our loggers at INFO on stderr; other libraries' loggers untouched."""
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """Our loggers at INFO on stderr while a command runs; other libraries' loggers untouched,
+    and ours restored afterwards (main() may run inside another program, or a test)."""
     import logging
 
     logger = logging.getLogger("ettin_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # a root handler (set up by a library) would print each line twice
+    saved = logger.level, logger.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler (set up by a library) would print each line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,11 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ettin_jax.modeling import InputError
     from ettin_jax.train.trainer import DataError, TrainingError
 
-    _log_to_stderr()
     try:
-        if hasattr(args, "distributed"):
-            distributed.from_arguments(args)  # before anything runs JAX
-        return args.run(args)
+        with _log_to_stderr():
+            if hasattr(args, "distributed"):
+                distributed.from_arguments(args)  # before anything runs JAX
+            return args.run(args)
     except (
         CommandError, ConfigError, CheckpointError, CheckpointFormatError, GenerationError, InputError,
         DataError, TrainingError, OSError, distributed.DistributedError, sharding.ShardingError,

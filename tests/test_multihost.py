@@ -202,12 +202,18 @@ def test_training_across_processes_and_resuming_across_topologies(workdir, monke
     _assert_close(_final(workdir / "one-then-two"), reference)
 
 
-def test_processes_that_disagree_on_the_checkpoint_stop_with_a_message(workdir):
+@pytest.mark.parametrize(("other", "what"), [("other", "checkpoint"), ("other-config", "config")])
+def test_processes_that_disagree_stop_with_a_message(workdir, other, what):
+    if other == "other-config" and not (workdir / other).exists():
+        shutil.copytree(workdir / "model", workdir / other)  # the same weights, another window
+        config = json.loads((workdir / other / "config.json").read_text())
+        config["local_attention"] = 2 * config["local_attention"]
+        (workdir / other / "config.json").write_text(json.dumps(config))
     common = ["generate", "--max-new-tokens", "2", "--mesh", "data=8", "w1 w2"]
-    results = launch([*common, "--model", "model"], [*common, "--model", "other"], cwd=workdir)
+    results = launch([*common, "--model", "model"], [*common, "--model", other], cwd=workdir)
     for r in results:
         assert r.returncode == 2
-        assert "the processes disagree on the checkpoint: process(es) 1 differ from process 0" in r.stderr
+        assert f"the processes disagree on the {what}: process(es) 1 differ from process 0" in r.stderr
 
 
 def test_an_unreachable_coordinator_is_an_error_not_a_hang(workdir):

@@ -19,7 +19,7 @@ def blocks() -> list[tuple[str, str]]:
 
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
-    assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python", "bash", "python"]
+    assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python", "bash", "python", "bash"]
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     for lang, code in found:
         command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]

@@ -15,11 +15,12 @@ from ettin_jax import (
     ModernBertDecoderForSequenceClassification,
     sharding,
 )
+from ettin_jax.convert.checkpoint import LOAD_STATS
 from ettin_jax.train.optim import OptimizerConfig, make_optimizer
 from ettin_jax.train.steps import create_train_state, train_step
 
-# (data, fsdp, tensor): each axis alone, and mixes of all three.
-MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 4), (2, 2, 2), (1, 2, 4)]
+# (data, fsdp, tensor): data and fsdp alone, tensor with each, and all three.
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 # Two layers, one global and one sliding: both kinds, and half the compile time of four.
 CONFIG = ModernBertDecoderConfig(**{**TINY, "num_hidden_layers": 2})
 
@@ -183,3 +184,19 @@ def test_the_optimizer_state_is_sharded_like_the_params():
     assert len(moments) == 2  # Adam's mu and nu
     assert all(m.sharding.spec == kernel.sharding.spec == P("fsdp", "tensor") for m in moments)
     assert state.step.sharding.is_fully_replicated and state.rng.sharding.is_fully_replicated
+
+
+def test_loading_with_a_mesh_reads_each_slice_once(saved):
+    _, directory = saved("causal")
+    plain = ModernBertDecoderForCausalLM.from_pretrained(directory)
+    before = LOAD_STATS["bytes_read"]
+    model = ModernBertDecoderForCausalLM.from_pretrained(directory, mesh=_mesh(2, 2, 2))
+    ours = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    theirs = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(plain, nnx.Param)))
+    # One process holds all 8 devices, so it reads the whole model, but each distinct slice
+    # once: replicas over `data` share a read.
+    assert LOAD_STATS["bytes_read"] - before == sum(x.nbytes for x in theirs.values())
+    kernel = ours[("model", "layers", 0, "mlp", "Wi", "kernel")]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
+    for path, value in theirs.items():
+        np.testing.assert_array_equal(np.asarray(ours[path]), np.asarray(value), err_msg=str(path))

@@ -53,6 +53,19 @@ class TrainState:
         return self.replace(**saved)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: Any) -> Any:
+    """Shardings for `tx.init(params)`: each moment like its param, counters replicated.
+    `params` may be arrays or ShapeDtypeStructs, each with its sharding."""
+    return optax.tree_map_params(
+        tx,
+        lambda _, param_sharding: param_sharding,
+        jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
 def task_of(model: nnx.Module) -> str:
     """'causal_lm' for the LM, the config's problem type for a classifier."""
     from ettin_jax.modeling import ModernBertDecoderForCausalLM
@@ -75,16 +88,8 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed
     if mesh is None:
         opt_state = tx.init(params)
     else:
+        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
         replicated = NamedSharding(mesh, PartitionSpec())
-        out_shardings = optax.tree_map_params(
-            tx,
-            lambda _, param_sharding: param_sharding,
-            jax.eval_shape(tx.init, params),
-            jax.tree.map(lambda x: x.sharding, params),
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, NamedSharding),
-        )
-        opt_state = jax.jit(tx.init, out_shardings=out_shardings)(params)
         step, rng = sharding.put(step, replicated), sharding.put(rng, replicated)
     return TrainState(
         step=step,
