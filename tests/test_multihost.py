@@ -91,7 +91,8 @@ def workdir(tmp_path_factory):
     """A word-level tiny causal LM, a second one with other weights, prompts and data files."""
     root = tmp_path_factory.mktemp("multihost")
     for name, seed in (("model", 3), ("other", 4)):
-        torch_model("causal", seed=seed).save_pretrained(root / name)
+        # Two layers (one global, one sliding): every process compiles each program, so size is time.
+        torch_model("causal", seed=seed, num_hidden_layers=2).save_pretrained(root / name)
         word_tokenizer().save_pretrained(root / name)
     rng = np.random.default_rng(0)
     words = FIRST + LAST + FILLER
