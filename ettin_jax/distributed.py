@@ -64,7 +64,13 @@ def initialize(
             initialization_timeout=timeout,
         )
     except Exception as e:  # jax raises bare RuntimeErrors and XlaRuntimeErrors here
-        where = f"coordinator {coordinator}" if coordinator else "the cluster's coordinator"
+        if coordinator is None:
+            raise DistributedError(
+                f"--distributed found no cluster to join ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "JAX detects TPU pods and SLURM jobs by itself, elsewhere give --coordinator HOST:PORT, "
+                "--num-processes and --process-id"
+            ) from None
+        where = f"coordinator {coordinator}"
         raise DistributedError(
             f"process {process_id} could not join {where} within {timeout} s "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

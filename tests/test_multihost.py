@@ -232,3 +232,9 @@ def test_a_mesh_larger_than_the_devices_is_an_error(workdir):
     r = single(["generate", "--model", "model", "--mesh", "data=4,tensor=4", "w1"], cwd=workdir)
     assert r.returncode == 2
     assert "error: mesh data=4,fsdp=1,tensor=4 needs 16 devices but there are 8" in r.stderr
+
+
+def test_distributed_without_a_cluster_says_what_to_give(workdir):
+    r = single(["generate", "--model", "model", "--distributed", "--distributed-timeout", "3", "w1"], cwd=workdir)
+    assert r.returncode == 2
+    assert "--distributed found no cluster to join" in r.stderr and "give --coordinator HOST:PORT" in r.stderr
