@@ -64,16 +64,14 @@ def initialize(
             initialization_timeout=timeout,
         )
     except Exception as e:  # jax raises bare RuntimeErrors and XlaRuntimeErrors here
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         if coordinator is None:
             raise DistributedError(
-                f"--distributed found no cluster to join ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                "JAX detects TPU pods and SLURM jobs by itself, elsewhere give --coordinator HOST:PORT, "
-                "--num-processes and --process-id"
+                f"--distributed found no cluster to join ({reason}); JAX detects TPU pods and SLURM jobs by "
+                "itself, elsewhere give --coordinator HOST:PORT, --num-processes and --process-id"
             ) from None
-        where = f"coordinator {coordinator}"
         raise DistributedError(
-            f"process {process_id} could not join {where} within {timeout} s "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"process {process_id} could not join coordinator {coordinator} within {timeout} s ({reason}); "
             "check that every process got the same --coordinator and --num-processes and that the port is open"
         ) from None
     log.info(

@@ -95,6 +95,14 @@ def prompts_from(input_ids: Any, attention_mask: Any) -> list[list[int]]:
 
 
 # ---- the jitted pieces --------------------------------------------------------------------
+def _prompt_tokens(ids: Array, valid: Array, vocab: int) -> Array:
+    """(B, V) bool: which ids each prompt holds (what the repetition penalty counts)."""
+    return jnp.zeros((ids.shape[0], vocab), bool).at[jnp.arange(ids.shape[0])[:, None], ids].max(valid)
+
+
+_prompt_tokens_program = jax.jit(_prompt_tokens, static_argnames=("vocab",))
+
+
 def _prefill(
     model: Any, ids: Array, valid: Array, cache_length: int, kernel: Array
 ) -> tuple[Array, Array, tuple[LayerCache, ...]]:
@@ -148,8 +156,7 @@ def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, val
     batch, prompt_length = ids.shape
     kernel = model.output_kernel()
     logits, positions, caches = _prefill(model, ids, valid, prompt_length + static.new_bucket, kernel)
-    vocab = logits.shape[-1]
-    seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].max(valid)
+    seen = _prompt_tokens(ids, valid, logits.shape[-1])
     out = jnp.full((batch, static.new_bucket), static.pad_id, jnp.int32)
 
     def cond(carry):
@@ -351,7 +358,7 @@ def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kw
         logits, positions, caches, kernel = _prefill_program(
             graphdef, state, rows["ids"], rows["valid"], cache_length=prompt_length + static.new_bucket
         )
-        seen = _seen(rows["ids"], rows["valid"], logits.shape[-1])
+        seen = _prompt_tokens_program(rows["ids"], rows["valid"], logits.shape[-1])
         done = rows["done"]
         for step in range(request.max_new):
             counters = _place(mesh, {}, {"index": np.int32(prompt_length + step), "step": np.int32(step)})[1]
@@ -362,9 +369,3 @@ def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kw
             yield sharding.to_host(tokens)[: batch.rows]
             if sharding.to_host(done).all():
                 return
-
-
-@functools.partial(jax.jit, static_argnames=("vocab",))
-def _seen(ids: Array, valid: Array, vocab: int) -> Array:
-    """(B, V) bool: which ids each prompt holds (for the repetition penalty)."""
-    return jnp.zeros((ids.shape[0], vocab), bool).at[jnp.arange(ids.shape[0])[:, None], ids].max(valid)

@@ -66,8 +66,6 @@ ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
     "logits": ("batch", None, "vocab"),  # (B, T, V)
     "cache": ("batch", "heads", None, None),  # (B, N, S, H)
     "cache_positions": ("batch", None),  # (B, S)
-    "tokens": ("batch",),  # (B,)
-    "batch_rows": ("batch", None),  # (B, ...) inputs: ids, masks, labels
 }
 
 
