@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ettin_jax import sharding
+from ettin_jax import compilation, sharding
 from ettin_jax.modeling import LayerCache
 from ettin_jax.sampling import SamplingConfig, choose, process_logits
 
@@ -100,7 +100,7 @@ def _prompt_tokens(ids: Array, valid: Array, vocab: int) -> Array:
     return jnp.zeros((ids.shape[0], vocab), bool).at[jnp.arange(ids.shape[0])[:, None], ids].max(valid)
 
 
-_prompt_tokens_program = jax.jit(_prompt_tokens, static_argnames=("vocab",))
+_prompt_tokens_program = compilation.jit(_prompt_tokens, static_argnames=("vocab",))
 
 
 def _prefill(
@@ -149,7 +149,7 @@ def _finish(tokens, done, seen, static: _Static):
     return tokens, done, seen
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=())
+@functools.partial(compilation.jit, static_argnames=("graphdef", "static"), donate_argnames=())
 def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, values, key, *, static: _Static):
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
@@ -176,7 +176,7 @@ def _generate_program(graphdef, state, ids, valid, active, max_new, min_new, val
     return out, step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length"))
+@functools.partial(compilation.jit, static_argnames=("graphdef", "cache_length"))
 def _prefill_program(graphdef, state, ids, valid, *, cache_length: int):
     TRACE_COUNT["prefill"] += 1
     model = nnx.merge(graphdef, state)
@@ -184,7 +184,7 @@ def _prefill_program(graphdef, state, ids, valid, *, cache_length: int):
     return (*_prefill(model, ids, valid, cache_length, kernel), kernel)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("caches",))
+@functools.partial(compilation.jit, static_argnames=("graphdef", "static"), donate_argnames=("caches",))
 def _stream_program(
     graphdef,
     state,

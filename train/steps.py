@@ -14,7 +14,6 @@ classifiers), so accumulating K micro-batches gives the gradient of one batch K 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -23,7 +22,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ettin_jax import sharding
+from ettin_jax import compilation, sharding
 from ettin_jax.modeling import IGNORE_INDEX
 
 Array = jax.Array
@@ -184,33 +183,8 @@ def _train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-# XLA:CPU hands reductions and elementwise fusions to YNNPACK by default; the bias gradient of
-# the vocabulary projection (a sum over a (B*T, V) array) runs about 10x slower there than in
-# XLA's own loops. Keeping YNNPACK for the matmuls alone made the 17m causal-LM step 1.2x faster
-# (benchmarks/RESULTS.md). Chosen at the first call, not at import, so that importing this
-# module does not start a JAX backend (jax.distributed.initialize must come first).
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-@functools.cache
-def _compiled(fn: Any, donate: tuple[int, ...]) -> Any:
-    options = _CPU_OPTIONS if jax.default_backend() == "cpu" else None
-    jitted = jax.jit(fn, donate_argnums=donate, compiler_options=options)
-    if options is None:
-        return jitted
-    plain = jax.jit(fn, donate_argnums=donate)
-
-    def call(*args: Any) -> Any:
-        nonlocal jitted
-        try:
-            return jitted(*args)
-        except jax.errors.JaxRuntimeError as e:  # an XLA without this option: compile without it
-            if "xla_cpu_experimental_ynn_fusion_type" not in str(e):
-                raise
-            jitted = plain
-            return plain(*args)
-
-    return call
+# Jitted with the XLA:CPU options that make these steps faster on CPU (ettin_jax.compilation).
+_train_step_program = compilation.jit(_train_step, donate_argnums=(0,))
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict[str, Array]]:
@@ -218,14 +192,14 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[
     step's dropout key; the trainer passes fold_in(state.rng, state.step). The state is donated:
     its buffers are reused for the new one, so do not use `state` afterwards."""
     with sharding.activate(sharding.mesh_of(state.params)):
-        return _compiled(_train_step, (0,))(state, batch, rng)
+        return _train_step_program(state, batch, rng)
 
 
 def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     """Per-row loss sums and counts, and the logits of classifiers ((B, L)); no gradient. Takes
     one micro-batch: `input_ids` (B, T). Jitted."""
     with sharding.activate(sharding.mesh_of(state.params)):
-        return _compiled(_eval_step, ())(state, batch)
+        return _eval_step_program(state, batch)
 
 
 def _eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
@@ -236,3 +210,6 @@ def _eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     if state.task != "causal_lm":
         out["logits"] = logits.astype(jnp.float32)
     return out
+
+
+_eval_step_program = compilation.jit(_eval_step)
