@@ -7,6 +7,7 @@ start with it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -14,7 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from ettin_jax import compilation
+from ettin_jax.generation import bucket
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
 
 TASKS = ("text-generation", "text-classification")
@@ -102,6 +106,12 @@ class TextGenerationPipeline:
             shown = decoded
 
 
+@functools.partial(compilation.jit, static_argnames=("graphdef", "sigmoid"))
+def _probabilities(graphdef: Any, state: Any, ids: Any, mask: Any, *, sigmoid: bool) -> jax.Array:
+    logits = nnx.merge(graphdef, state)(ids, attention_mask=mask).logits.astype(jnp.float32)
+    return jax.nn.sigmoid(logits) if sigmoid else jax.nn.softmax(logits, axis=-1)
+
+
 class TextClassificationPipeline:
     def __init__(self, model: ModernBertDecoderForSequenceClassification, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
@@ -109,18 +119,20 @@ class TextClassificationPipeline:
         self.pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, L) probabilities: sigmoid for multi-label or single-output models, else softmax."""
+        """(N, L) probabilities: sigmoid for multi-label or single-output models, else softmax.
+        Rows are left-padded to a bucketed width and the batch to a bucketed size, so texts of
+        any length reuse a few compiled programs."""
         rows = [with_bos(self.tokenizer(t)["input_ids"], self.bos) for t in texts]
-        width = max(map(len, rows))
-        ids = np.full((len(rows), width), self.pad, np.int32)
+        width, count = bucket(max(map(len, rows))), bucket(len(rows), 1)
+        ids = np.full((count, width), self.pad, np.int32)
         mask = np.zeros_like(ids)
         for i, row in enumerate(rows):
             ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
-        logits = self.model(ids, attention_mask=mask).logits.astype(jnp.float32)
+        ids[len(rows) :], mask[len(rows) :] = ids[0], mask[0]  # filler rows, dropped below
         config = self.model.config
-        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
-            return np.asarray(jax.nn.sigmoid(logits))
-        return np.asarray(jax.nn.softmax(logits, axis=-1))
+        sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
+        graphdef, state = nnx.split(self.model)
+        return np.asarray(_probabilities(graphdef, state, ids, mask, sigmoid=sigmoid))[: len(rows)]
 
     def __call__(self, inputs: str | Sequence[str], *, batch_size: int = 16) -> list[dict[str, Any]]:
         """[{"label": ..., "score": ...}], one per input: the most likely label."""

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import ettin_jax as ej
-from ettin_jax import default_model
+from ettin_jax import default_model, pipelines
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def classifier_dir(default_home, tmp_path_factory):
 def test_text_classification_matches_torch(classifier_dir):
     reference, directory = classifier_dir
     pipe = ej.pipeline("text-classification", model=directory)
-    texts = ["good", "a much longer sentence here"]
+    texts = ["good", "a much longer sentence here", "ok then"]  # three rows: a filler row pads the batch to 4
     out = pipe(texts)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     for text, result in zip(texts, out, strict=True):
@@ -89,6 +89,10 @@ def test_text_classification_matches_torch(classifier_dir):
         assert result["label"] == reference.config.id2label[int(np.argmax(probs))]
         assert abs(result["score"] - float(probs.max())) < 1e-5
     assert pipe("good") == out[:1]
+    # Other texts of lengths in the same buckets run the compiled program again.
+    compiled = pipelines._probabilities._tuned._cache_size()
+    pipe(["bad", "a rather longer text here", "so so"])
+    assert pipelines._probabilities._tuned._cache_size() == compiled
 
 
 def test_unknown_task_is_named():
