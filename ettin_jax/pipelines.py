@@ -19,7 +19,11 @@ from flax import nnx
 
 from ettin_jax import compilation
 from ettin_jax.generation import bucket
-from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
+from ettin_jax.modeling import (
+    ModernBertDecoderForCausalLM,
+    ModernBertDecoderForSequenceClassification,
+    check_inputs,
+)
 
 TASKS = ("text-generation", "text-classification")
 
@@ -122,14 +126,16 @@ class TextClassificationPipeline:
         """(N, L) probabilities: sigmoid for multi-label or single-output models, else softmax.
         Rows are left-padded to a bucketed width and the batch to a bucketed size, so texts of
         any length reuse a few compiled programs."""
+        config = self.model.config
         rows = [with_bos(self.tokenizer(t)["input_ids"], self.bos) for t in texts]
-        width, count = bucket(max(map(len, rows))), bucket(len(rows), 1)
-        ids = np.full((count, width), self.pad, np.int32)
+        longest = max(map(len, rows))
+        width = min(bucket(longest), max(longest, config.max_position_embeddings))
+        ids = np.full((bucket(len(rows), 1), width), self.pad, np.int32)
         mask = np.zeros_like(ids)
         for i, row in enumerate(rows):
             ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
         ids[len(rows) :], mask[len(rows) :] = ids[0], mask[0]  # filler rows, dropped below
-        config = self.model.config
+        check_inputs(config, ids, mask, None, None)  # token ids and length, which jit cannot check
         sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
         graphdef, state = nnx.split(self.model)
         return np.asarray(_probabilities(graphdef, state, ids, mask, sigmoid=sigmoid))[: len(rows)]

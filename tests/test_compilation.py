@@ -2,44 +2,73 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import compilation, generation
+from ettin_jax import compilation, generation, pipelines
 from ettin_jax.train import steps
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU's")
 
 
 def _f(x, y):
     return jnp.tanh(x @ y).sum(axis=0)
 
 
+def _xy():
+    return jax.random.normal(jax.random.key(0), (16, 32)), jax.random.normal(jax.random.key(1), (32, 64))
+
+
 def test_cpu_compiles_with_the_options_and_computes_the_same():
-    x, y = jax.random.normal(jax.random.key(0), (16, 32)), jax.random.normal(jax.random.key(1), (32, 64))
-    tuned = compilation.jit(_f)
+    x, y = _xy()
+    tuned = compilation.jit(lambda x, y: _f(x, y))  # its own function: jit caches are per function
     np.testing.assert_allclose(tuned(x, y), jax.jit(_f)(x, y), rtol=1e-6, atol=1e-6)
-    assert tuned._chosen is tuned._tuned  # the suite runs on CPU
-    assert "ynn" not in tuned._tuned.lower(x, y).compile().as_text()  # the option is in effect
-    assert tuned.__name__ == "_f" and tuned.lower(x, y).compile() is not None  # jit's attributes pass through
+    assert tuned._chosen is tuned._tuned
+    assert tuned._cache_size() == 1  # counts the build that ran
+    # The option is in effect: XLA's default puts this dot in a YNNPACK fusion, the tuned build does not.
+    assert "ynn" in tuned._plain.lower(x, y).compile().as_text()
+    assert "ynn" not in tuned._tuned.lower(x, y).compile().as_text()
+    # jit's public attributes pass through; clear_cache clears both builds.
+    assert tuned.__name__ == "<lambda>" and tuned.lower(x, y).compile() is not None
+    tuned.clear_cache()
+    assert tuned._cache_size() == 0
+    assert copy.copy(tuned)(x, y).shape == (64,)  # no endless __getattr__ recursion
 
 
 def test_an_option_xla_does_not_know_falls_back_to_plain_jit():
     tuned = compilation.TunedJit(_f, options={"xla_cpu_no_such_option": True})
-    x = jnp.ones((2, 2))
-    np.testing.assert_array_equal(tuned(x, x), jax.jit(_f)(x, x))
+    x, y = _xy()
+    np.testing.assert_array_equal(tuned(x, y), jax.jit(_f)(x, y))
     assert tuned._chosen is tuned._plain
 
 
-def test_other_errors_are_not_swallowed():
+def test_other_runtime_errors_are_not_swallowed():
     tuned = compilation.jit(_f)
-    with pytest.raises(TypeError, match="dot_general"):
-        tuned(jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+    def out_of_memory(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    tuned._tuned = out_of_memory
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        tuned(*_xy())
+    assert tuned._chosen is out_of_memory  # not silently switched to the plain build
 
 
 @pytest.mark.parametrize(
     "program",
-    [generation._generate_program, generation._prefill_program, generation._stream_program, steps._train_step_program],
+    [
+        generation._generate_program,
+        generation._prefill_program,
+        generation._stream_program,
+        generation._prompt_tokens_program,
+        steps._train_step_program,
+        steps._eval_step_program,
+        pipelines._probabilities,
+    ],
 )
 def test_the_library_programs_are_tuned(program):
     assert isinstance(program, compilation.TunedJit)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import TINY
 
 import ettin_jax as ej
 from ettin_jax import default_model, pipelines
@@ -90,9 +91,9 @@ def test_text_classification_matches_torch(classifier_dir):
         assert abs(result["score"] - float(probs.max())) < 1e-5
     assert pipe("good") == out[:1]
     # Other texts of lengths in the same buckets run the compiled program again.
-    compiled = pipelines._probabilities._tuned._cache_size()
+    compiled = pipelines._probabilities._cache_size()
     pipe(["bad", "a rather longer text here", "so so"])
-    assert pipelines._probabilities._tuned._cache_size() == compiled
+    assert pipelines._probabilities._cache_size() == compiled
 
 
 def test_unknown_task_is_named():
@@ -103,3 +104,11 @@ def test_unknown_task_is_named():
 def test_loaded_model_needs_matching_task(generator):
     with pytest.raises(TypeError, match="needs a ModernBertDecoderForSequenceClassification"):
         ej.pipeline("text-classification", model=generator.model, tokenizer=generator.tokenizer)
+
+
+def test_a_tokenizer_with_ids_outside_the_vocabulary_is_named(generator):
+    # The byte-level default tokenizer makes ids up to 50283; this classifier knows 128.
+    model = ej.ModernBertDecoderForSequenceClassification(ej.ModernBertDecoderConfig(**TINY))
+    pipe = ej.pipeline("text-classification", model=model, tokenizer=generator.tokenizer)
+    with pytest.raises(ej.InputError, match=r"input_ids\[0, \d+\] = \d+ is outside the vocabulary \[0, 128\)"):
+        pipe(["hello there"])
