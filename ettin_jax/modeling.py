@@ -26,6 +26,7 @@ from flax import nnx
 
 from ettin_jax import config as config_module
 from ettin_jax.attention import MASK_VALUE, MaskSpec, attend
+from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
 from ettin_jax.sharding import constrain
 
@@ -328,9 +329,10 @@ class DecoderLayer(nnx.Module):
         positions: Array | None = None,
         index: Array | int = 0,
     ) -> tuple[Array, LayerCache | None]:
+        x = gradient_fence(x)  # the identity; see its docstring
         h = x if self.attn_norm is None else self.attn_norm(x)
         attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index)
-        x = x + attn
+        x = gradient_fence(x + attn)
         return constrain(x + self.mlp(self.mlp_norm(x), deterministic), "hidden"), cache
 
 

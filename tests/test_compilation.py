@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from helpers import TINY
 
+import ettin_jax as ej
 from ettin_jax import compilation, generation, pipelines
 from ettin_jax.train import steps
 
@@ -72,3 +76,42 @@ def test_other_runtime_errors_are_not_swallowed():
 )
 def test_the_library_programs_are_tuned(program):
     assert isinstance(program, compilation.TunedJit)
+
+
+# ---- gradient_fence -------------------------------------------------------------------------
+def test_gradient_fence_is_the_identity_forward_and_backward():
+    x = jnp.array([1.0, -2.0, 0.5])
+    f = lambda x: jnp.sum(jnp.sin(compilation.gradient_fence(x * 3.0)))  # noqa: E731
+    assert f(x) == jnp.sum(jnp.sin(x * 3.0))
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), 3.0 * jnp.cos(x * 3.0))
+    # A NaN in the cotangent (the conditional's other branch) passes through unchanged too.
+    g = jax.jit(jax.grad(lambda x: jnp.sum(compilation.gradient_fence(x) * jnp.array([jnp.nan, 2.0, 3.0]))))(x)
+    assert np.isnan(g[0]) and g[1:].tolist() == [2.0, 3.0]
+
+
+def _largest_fusion(hlo: str) -> int:
+    """The most operands any fusion of a compiled program takes."""
+    return max(len(re.findall(r"%[\w.-]+", m)) for m in re.findall(r"= \S+ fusion\(([^)]*)\)", hlo))
+
+
+def test_the_train_backward_does_not_recompute_the_residual_chain(monkeypatch):
+    """Without the fences XLA:CPU fuses the residual stream's gradient chain, through every
+    layer above, into each weight gradient's transposed copy: fusions grow with depth."""
+    config = ej.ModernBertDecoderConfig(**{**TINY, "num_hidden_layers": 8})
+    model = ej.ModernBertDecoderForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jnp.asarray(np.arange(4 * 16).reshape(4, 16) % config.vocab_size, jnp.int32)
+
+    def loss(params):
+        return nnx.merge(graphdef, params, rest)(ids).logits.astype(jnp.float32).std()
+
+    def largest() -> int:
+        return _largest_fusion(
+            jax.jit(jax.grad(loss), compiler_options=compilation.CPU_OPTIONS).lower(params).compile().as_text()
+        )
+
+    fenced = largest()
+    monkeypatch.setattr("ettin_jax.modeling.gradient_fence", lambda x: x)
+    unfenced = largest()
+    assert unfenced > 40, unfenced  # the positive control: the chain is there to be cut
+    assert fenced < 20 < unfenced, (fenced, unfenced)
