@@ -145,6 +145,19 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top(min_p, expected):
     assert kept(sampling.min_p_filter(LOGITS, jnp.float32(min_p))) == expected
 
 
+def test_argmax_is_jnp_argmax_on_ties_infinities_and_nan():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 4, size=(6, 37)).astype(np.float32)  # many ties
+    logits[1] = -np.inf
+    logits[2, [5, 9]] = np.inf
+    logits[3, [4, 11]] = np.nan
+    logits[4, -1] = 10.0
+    got = jax.jit(sampling.argmax)(logits)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(logits, axis=-1))
+    assert got[1:5].tolist() == [0, 5, 4, 36]
+
+
 def test_temperature_and_penalty_values():
     config = sampling.SamplingConfig(do_sample=True, temperature=0.5, repetition_penalty=2.0)
     logits = jnp.array([[2.0, -2.0, 1.0]])
