@@ -23,6 +23,24 @@ def measure(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_alternating(fns: dict, repeats: int, settle: float = 1.0) -> dict:
+    """Median seconds of each of `fns` (name -> callable), after one untimed call of each, with
+    the timed calls alternating between them: on a shared machine whose speed drifts, a slow
+    spell then hits every side alike instead of whichever ran during it. Each timed call waits
+    `settle` seconds first, so that the other library's worker threads, which spin for a while
+    after their work, have gone to sleep."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time.sleep(settle)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 import numpy as np
-from common import measure, report
+from common import measure_alternating, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -64,7 +64,8 @@ def main() -> None:
                     )  # fmt: skip
 
             same = np.array_equal(ours(), theirs().numpy())
-            t_ours, t_theirs = measure(ours, args.repeats), measure(theirs, args.repeats)
+            times = measure_alternating({"ours": ours, "theirs": theirs}, args.repeats)
+            t_ours, t_theirs = times["ours"], times["theirs"]
             tokens = batch * args.new
             rows.append((size, batch, tokens / t_theirs, tokens / t_ours, t_theirs / t_ours, same))
             print(f"{size:>5} batch {batch:>3}: transformers {tokens / t_theirs:8.1f} tok/s, "
@@ -76,7 +77,7 @@ def main() -> None:
         f"\n### generate, {datetime.date.today()}, {machine}\n\n"
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, transformers "
         f"{transformers.__version__}; float32, greedy, prompt {args.prompt} tokens, {args.new} new tokens, "
-        f"median of {args.repeats} after a warm-up.\n\n"
+        f"median of {args.repeats} after a warm-up, the two sides alternating run by run.\n\n"
         "| shape | batch | transformers tok/s | ettin-jax tok/s | ratio | same tokens |\n"
         "| --- | --- | --- | --- | --- | --- |\n"
     )
