@@ -14,13 +14,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 def measure(fn, repeats: int) -> float:
     """Median seconds of `repeats` calls, after one untimed call (compilation for JAX, allocator
     and kernels for PyTorch)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return measure_alternating({"fn": fn}, repeats, settle=0.0)["fn"]
 
 
 def measure_alternating(fns: dict, repeats: int, settle: float = 1.0) -> dict:
