@@ -189,8 +189,18 @@ def test_training_across_processes_and_resuming_across_topologies(workdir, monke
                     output_dir="two-then-one", max_steps=4, batch_size=8, learning_rate=3e-3, save_steps=2,
                     max_length=16, mesh="data=8", progress=False, resume=True))  # fmt: skip
     _assert_close(_final(workdir / "two-then-one"), reference)
-    # (One process to two is the same restore onto another mesh; a third two-process launch would
-    # cost about a minute of the suite's 20, so that direction is left to this one.)
+
+    # Saved by one process, resumed by two.
+    shutil.copytree(workdir / "one", workdir / "one-then-two")
+    _crash_after_step_2(workdir / "one-then-two")
+    resumed = launch(
+        _train_args(workdir, "one-then-two", resume=True),
+        _train_args(workdir, "one-then-two", resume=True),
+        cwd=workdir,
+    )
+    _ok(resumed)
+    assert "resumed from step 2" in resumed[0].stderr
+    _assert_close(_final(workdir / "one-then-two"), reference)
 
 
 @pytest.mark.parametrize(("other", "what"), [("other", "checkpoint"), ("other-config", "config")])
