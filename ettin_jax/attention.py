@@ -48,15 +48,22 @@ class MaskSpec:
     segment_ids: Array | None = None
 
 
-def dense_mask(spec: MaskSpec, window: int | None) -> Array:
+def take_rows(x: Array, rows: Array) -> Array:
+    """x (B, T, ...) -> (B, Q, ...): the entries of each row at its sequence indices rows (B, Q)."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def dense_mask(spec: MaskSpec, window: int | None, rows: Array | None = None) -> Array:
     """(B, 1, T, T) bool: query i sees key j iff j is real, j <= i, in the same segment and,
-    on sliding layers, i - j < window."""
-    q, k = spec.index[:, None, :, None], spec.index[:, None, None, :]
+    on sliding layers, i - j < window. With `rows` (B, Q), only the queries at those sequence
+    indices: (B, 1, Q, T)."""
+    pick = (lambda x: x) if rows is None else (lambda x: take_rows(x, rows))
+    q, k = pick(spec.index)[:, None, :, None], spec.index[:, None, None, :]
     mask = (k <= q) & spec.valid[:, None, None, :]
     if window is not None:
         mask &= q - k < window
     if spec.segment_ids is not None:
-        mask &= spec.segment_ids[:, None, :, None] == spec.segment_ids[:, None, None, :]
+        mask &= pick(spec.segment_ids)[:, None, :, None] == spec.segment_ids[:, None, None, :]
     return mask
 
 
@@ -92,6 +99,16 @@ def xla_attention(
 ) -> Array:
     """Dense: q, k, v (B, T, N, H) -> (B, T, N, H)."""
     return _softmax_attend(q, k, v, dense_mask(spec, window), dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
+
+
+def rows_attention(
+    q: Array, k: Array, v: Array, spec: MaskSpec, rows: Array, window: int | None, dropout: Any = None,
+    deterministic: bool = True,
+) -> Array:  # fmt: skip
+    """Dense, for a few queries: q (B, Q, N, H) of the tokens at sequence indices `rows` (B, Q),
+    over k, v (B, T, N, H) of every token -> (B, Q, N, H). O(Q * T) work, on every platform."""
+    mask = dense_mask(spec, window, rows)
+    return _softmax_attend(q, k, v, mask, dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
 
 
 def blocked_local_attention(

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from ettin_jax import config as config_module
-from ettin_jax.attention import MASK_VALUE, MaskSpec, attend
+from ettin_jax.attention import MASK_VALUE, MaskSpec, attend, rows_attention, take_rows
 from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
 from ettin_jax.sharding import constrain
@@ -256,13 +256,19 @@ class Attention(nnx.Module):
         self.out_drop = _dropout(c.attention_dropout, make.rngs)
         self.impl = c.attention_impl  # static; `set_attention_impl` changes it
 
-    def qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
-        """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k."""
-        heads = (*x.shape[:2], self.num_heads, self.head_dim)
-        q = constrain(self.q_proj(x).reshape(heads), "heads")
-        k = constrain(self.k_proj(x).reshape(heads), "heads")
-        v = constrain(self.v_proj(x).reshape(heads), "heads")
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    def qkv(self, x: Array, cos: Array, sin: Array, rows: Array | None = None) -> tuple[Array, Array, Array]:
+        """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k. With `rows` (B, Q),
+        queries only for the tokens at those sequence indices: q (B, Q, N, H)."""
+
+        def project(proj: nnx.Linear, x: Array) -> Array:
+            return constrain(proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim), "heads")
+
+        k, v = project(self.k_proj, x), project(self.v_proj, x)
+        if rows is None:
+            q = apply_rope(project(self.q_proj, x), cos, sin)
+        else:
+            q = apply_rope(project(self.q_proj, take_rows(x, rows)), take_rows(cos, rows), take_rows(sin, rows))
+        return q, apply_rope(k, cos, sin), v
 
     def __call__(
         self,
@@ -274,15 +280,20 @@ class Attention(nnx.Module):
         cache: LayerCache | None = None,
         positions: Array | None = None,
         index: Array | int = 0,
+        rows: Array | None = None,
     ) -> tuple[Array, LayerCache | None]:
-        """Without a cache: attention over x itself under the `MaskSpec`, by this layer's backend.
-        With one, the new keys are stored at sequence `index`; a single token (mask None) then
+        """Without a cache: attention over x itself under the `MaskSpec`, by this layer's backend;
+        with `rows` (B, Q), the output (B, Q, D) of the tokens at those sequence indices only.
+        With a cache, the new keys are stored at sequence `index`; a single token (mask None) then
         attends over the cache, several tokens (a prefill into an empty cache) over themselves
         under the dense `mask`."""
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin, rows)
         if isinstance(mask, MaskSpec):
-            out = attend(q, k, v, mask, self.window, self.impl, self.attn_drop, deterministic)
-            out = self.Wo(out.reshape(*x.shape[:2], -1))
+            if rows is None:
+                out = attend(q, k, v, mask, self.window, self.impl, self.attn_drop, deterministic)
+            else:
+                out = rows_attention(q, k, v, mask, rows, self.window, self.attn_drop, deterministic)
+            out = self.Wo(out.reshape(*q.shape[:2], -1))
             return _drop(self.out_drop, out, deterministic), cache
         layout = "BSNH"
         if cache is not None:
@@ -328,10 +339,15 @@ class DecoderLayer(nnx.Module):
         cache: LayerCache | None = None,
         positions: Array | None = None,
         index: Array | int = 0,
+        rows: Array | None = None,
     ) -> tuple[Array, LayerCache | None]:
+        """x (B, T, D) -> (B, T, D); with `rows` (B, Q), the output of the tokens at those
+        sequence indices only, (B, Q, D), every token still a key and value of the attention."""
         x = gradient_fence(x)  # the identity; see its docstring
         h = x if self.attn_norm is None else self.attn_norm(x)
-        attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index)
+        attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index, rows)
+        if rows is not None:
+            x = take_rows(x, rows)
         x = gradient_fence(x + attn)
         return constrain(x + self.mlp(self.mlp_norm(x), deterministic), "hidden"), cache
 
@@ -428,13 +444,21 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         output_hidden_states: bool = False,
         deterministic: bool = True,
         segment_ids: Array | None = None,
+        *,
+        rows: Array | None = None,
     ) -> BaseModelOutput:
         """`segment_ids` (B, T), ints >= 0, packs several sequences in a row: a token attends
-        only to tokens of its own segment (give each its own position_ids, from 0)."""
+        only to tokens of its own segment (give each its own position_ids, from 0).
+
+        `rows` (B, Q) sequence indices: `last_hidden_state` (B, Q, D) holds the tokens at those
+        indices only, and the last layer computes queries, attention output and MLP for them
+        alone (a classifier pools one token per row). Not with `output_hidden_states`."""
         c = self.config
         input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
             c, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids
         )
+        if rows is not None and output_hidden_states:
+            raise InputError("rows and output_hidden_states exclude each other: hidden states need every token")
         h = self.embeddings(input_ids, inputs_embeds, deterministic)  # (B, T, D)
         batch, length = h.shape[:2]
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -449,14 +473,15 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
             "sliding_attention": rope_tables(position_ids, c.head_dim, c.local_rope_theta),
         }
 
-        def run(layer: DecoderLayer, h: Array, cos: Array, sin: Array, mask: MaskSpec) -> Array:
-            return layer(h, cos, sin, mask, deterministic)[0]
+        def run(layer: DecoderLayer, h: Array, cos: Array, sin: Array, mask: MaskSpec, rows: Array | None) -> Array:
+            return layer(h, cos, sin, mask, deterministic, rows=rows)[0]
 
         if self.remat:
             run = nnx.remat(run)
         hidden = [h]
-        for kind, layer in zip(c.layer_types, self.layers, strict=True):
-            h = run(layer, h, *ropes[kind], spec)
+        last = len(self.layers) - 1
+        for i, (kind, layer) in enumerate(zip(c.layer_types, self.layers, strict=True)):
+            h = run(layer, h, *ropes[kind], spec, rows if i == last else None)
             hidden.append(h)
         h = self.final_norm(h)
         return BaseModelOutput(
@@ -612,12 +637,10 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
         deterministic: bool = True,
         segment_ids: Array | None = None,
     ) -> SequenceClassifierOutput:
-        out = self.model(
-            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic, segment_ids
+        input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
+            self.config, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids
         )
-        h = _drop(self.drop, self.head(out.last_hidden_state), deterministic)
-        logits = self.classifier(h)  # (B, T, L)
-        batch, length = logits.shape[:2]
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         pad = self.config.pad_token_id
         if pad is None and batch > 1:
             raise InputError("pad_token_id is not set in the config, so padded rows cannot be pooled; use batch size 1")
@@ -625,8 +648,16 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
             last = jnp.full((batch,), length - 1)
         else:
             # The rightmost token that is not padding: right for left and right padding alike.
-            last = jnp.argmax(jnp.arange(length) * (jnp.asarray(input_ids) != pad), axis=-1)
-        pooled = logits[jnp.arange(batch), last]  # (B, L)
+            last = jnp.argmax(jnp.arange(length) * (input_ids != pad), axis=-1)
+        # The head runs on every position in transformers; only the pooled one is needed, so
+        # without hidden states to return, the last layer computes that token alone.
+        rows = None if output_hidden_states else last[:, None]
+        out = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic, segment_ids,
+            rows=rows,
+        )  # fmt: skip
+        h = out.last_hidden_state if rows is not None else take_rows(out.last_hidden_state, last[:, None])
+        pooled = self.classifier(_drop(self.drop, self.head(h), deterministic))[:, 0]  # (B, L)
         loss = None if labels is None else classification_loss(self.config, pooled, labels)
         return SequenceClassifierOutput(logits=pooled, loss=loss, hidden_states=out.hidden_states)
 

@@ -108,6 +108,24 @@ def test_base_model_and_inputs_embeds(saved):
     np.testing.assert_allclose(np.asarray(model(ids).last_hidden_state), to_numpy(ref), atol=TOL)
 
 
+@pytest.mark.parametrize("layers", [3, 4], ids=["last-layer-sliding", "last-layer-global"])
+def test_rows_are_the_full_run_at_those_tokens(saved, layers):
+    """`rows` runs the last layer for a few tokens only (a classifier's pooling): the same states
+    as the full run at those tokens, under padding, the sliding window and packed segments."""
+    _, directory = saved("causal", num_hidden_layers=layers)
+    model = ej.ModernBertDecoderModel.from_pretrained(directory)
+    ids, mask = pad(random_ids(2, LENGTH), "left")
+    segments = np.zeros_like(ids)
+    segments[1, LENGTH // 2 :] = 1
+    rows = np.array([[LENGTH - 1, 6, WINDOW + 7], [3, LENGTH // 2 + 1, LENGTH - 1]])
+    full = model(ids, mask, segment_ids=segments).last_hidden_state
+    got = model(ids, mask, segment_ids=segments, rows=jnp.asarray(rows)).last_hidden_state
+    assert got.shape == (2, 3, model.config.hidden_size)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full)[np.arange(2)[:, None], rows], atol=1e-5)
+    with pytest.raises(ej.InputError, match="rows and output_hidden_states exclude each other"):
+        model(ids, rows=jnp.asarray(rows), output_hidden_states=True)
+
+
 def test_jit_matches_eager(saved):
     _, directory = saved("causal")
     model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
