@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -17,19 +18,29 @@ def blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(bash|python)\n(.*?)```", section, flags=re.S)
 
 
+def run_block(lang: str, code: str, cwd: Path, env: dict[str, str]) -> None:
+    command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, f"{lang} block failed:\n{code}\n{result.stderr[-3000:]}"
+    for line in code.splitlines():
+        # A printed line's comment states what it prints: check it.
+        match = re.match(r"print\(.*\)\s+# (.*)$", line)
+        if match:
+            assert match.group(1) in result.stdout, f"expected {match.group(1)!r} in {result.stdout!r}"
+
+
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
     assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python", "bash", "python", "bash"]
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
-    for lang, code in found:
-        command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, env=env)
-        assert result.returncode == 0, f"{lang} block failed:\n{code}\n{result.stderr[-3000:]}"
-        for line in code.splitlines():
-            # A printed line's comment states what it prints: check it.
-            match = re.match(r"print\(.*\)\s+# (.*)$", line)
-            if match:
-                assert match.group(1) in result.stdout, f"expected {match.group(1)!r} in {result.stdout!r}"
+    # The first block makes tiny-ettin and builds the default model. The rest only read those and
+    # form two chains that share no file, run side by side, each in the README's order: one has
+    # tiny-ettin's examples and the mesh example; the other the pipelines and the fine-tuning.
+    run_block(*found[0], tmp_path, env)
+    chains = [[found[i] for i in (1, 2, 4, 7)], [found[i] for i in (3, 5, 6)]]
+    with ThreadPoolExecutor(len(chains)) as pool:
+        for done in [pool.submit(lambda chain: [run_block(*b, tmp_path, env) for b in chain], c) for c in chains]:
+            done.result()  # re-raises a chain's failure
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
