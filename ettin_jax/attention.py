@@ -95,18 +95,11 @@ def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dropout: Any, det
 
 
 def xla_attention(
-    q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None, dropout: Any = None, deterministic: bool = True
-) -> Array:
-    """Dense: q, k, v (B, T, N, H) -> (B, T, N, H)."""
-    return _softmax_attend(q, k, v, dense_mask(spec, window), dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
-
-
-def rows_attention(
-    q: Array, k: Array, v: Array, spec: MaskSpec, rows: Array, window: int | None, dropout: Any = None,
-    deterministic: bool = True,
+    q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None, dropout: Any = None, deterministic: bool = True,
+    rows: Array | None = None,
 ) -> Array:  # fmt: skip
-    """Dense, for a few queries: q (B, Q, N, H) of the tokens at sequence indices `rows` (B, Q),
-    over k, v (B, T, N, H) of every token -> (B, Q, N, H). O(Q * T) work, on every platform."""
+    """Dense: q, k, v (B, T, N, H) -> (B, T, N, H). With `rows` (B, Q), q (B, Q, N, H) holds only
+    the queries of the tokens at those sequence indices -> (B, Q, N, H), O(Q * T) work."""
     mask = dense_mask(spec, window, rows)
     return _softmax_attend(q, k, v, mask, dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
 

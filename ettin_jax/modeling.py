@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from ettin_jax import config as config_module
-from ettin_jax.attention import MASK_VALUE, MaskSpec, attend, rows_attention, take_rows
+from ettin_jax.attention import MASK_VALUE, MaskSpec, attend, take_rows, xla_attention
 from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
 from ettin_jax.sharding import constrain
@@ -292,7 +292,7 @@ class Attention(nnx.Module):
             if rows is None:
                 out = attend(q, k, v, mask, self.window, self.impl, self.attn_drop, deterministic)
             else:
-                out = rows_attention(q, k, v, mask, rows, self.window, self.attn_drop, deterministic)
+                out = xla_attention(q, k, v, mask, self.window, self.attn_drop, deterministic, rows)  # every backend
             out = self.Wo(out.reshape(*q.shape[:2], -1))
             return _drop(self.out_drop, out, deterministic), cache
         layout = "BSNH"
