@@ -37,9 +37,13 @@ def test_readme_examples_run_as_printed(tmp_path):
     # form two chains that share no file, run side by side, each in the README's order: one has
     # tiny-ettin's examples and the mesh example; the other the pipelines and the fine-tuning.
     run_block(*found[0], tmp_path, env)
-    chains = [[found[i] for i in (1, 2, 4, 7)], [found[i] for i in (3, 5, 6)]]
-    with ThreadPoolExecutor(len(chains)) as pool:
-        for done in [pool.submit(lambda chain: [run_block(*b, tmp_path, env) for b in chain], c) for c in chains]:
+
+    def run_chain(indices: tuple[int, ...]) -> None:
+        for i in indices:
+            run_block(*found[i], tmp_path, env)
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(run_chain, (1, 2, 4, 7)), pool.submit(run_chain, (3, 5, 6))]:
             done.result()  # re-raises a chain's failure
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
