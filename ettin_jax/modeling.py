@@ -284,10 +284,12 @@ class Attention(nnx.Module):
     ) -> tuple[Array, LayerCache | None]:
         """Without a cache: attention over x itself under the `MaskSpec`, by this layer's backend;
         with `rows` (B, Q), the output (B, Q, D) of the tokens at those sequence indices only.
-        With a cache, the new keys are stored at sequence `index`; a single token (mask None) then
-        attends over the cache, several tokens (a prefill into an empty cache) over themselves
-        under the dense `mask`."""
+        With a cache, the new keys are stored at sequence `index`. Several tokens (a prefill into
+        an empty cache, with a `MaskSpec`) attend over themselves by this layer's backend; a single
+        token (mask None) attends over the cache."""
         q, k, v = self.qkv(x, cos, sin, rows)
+        if cache is not None:
+            cache = cache.write(k, v, positions, index)
         if isinstance(mask, MaskSpec):
             if rows is None:
                 out = attend(q, k, v, mask, self.window, self.impl, self.attn_drop, deterministic)
@@ -296,10 +298,8 @@ class Attention(nnx.Module):
             out = self.Wo(out.reshape(*q.shape[:2], -1))
             return _drop(self.out_drop, out, deterministic), cache
         layout = "BSNH"
-        if cache is not None:
-            cache = cache.write(k, v, positions, index)
-            if mask is None:
-                k, v, mask, layout = cache.k, cache.v, cache.mask(positions, self.window), "BNSH"
+        if cache is not None and mask is None:
+            k, v, mask, layout = cache.k, cache.v, cache.mask(positions, self.window), "BNSH"
         out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic, layout)  # (B, T, N, H)
         out = self.Wo(out.reshape(*x.shape[:2], -1))
         return _drop(self.out_drop, out, deterministic), cache
@@ -508,22 +508,20 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         c = self.config
         h = self.embeddings(input_ids, None, True)
         rope_positions = jnp.maximum(positions, 0)
-        masks: dict[str, Array | None] = {"full_attention": None, "sliding_attention": None}
+        spec = None
         if input_ids.shape[1] > 1:
-            # With left padding, positions and indices differ by a per-row constant, so a mask
-            # on positions equals transformers' mask on indices.
-            valid = positions >= 0
-            masks = {
-                "full_attention": make_attention_mask(positions, positions, valid, None),
-                "sliding_attention": make_attention_mask(positions, positions, valid, c.sliding_window),
-            }
+            # A prefill runs each layer's attention backend, as a forward pass does: masks from
+            # column indices, as in transformers; with left padding a row's real tokens are
+            # contiguous, so columns and positions differ by a per-row constant.
+            batch, length = input_ids.shape
+            spec = MaskSpec(index=jnp.broadcast_to(jnp.arange(length), (batch, length)), valid=positions >= 0)
         ropes = {
             "full_attention": rope_tables(rope_positions, c.head_dim, c.global_rope_theta),
             "sliding_attention": rope_tables(rope_positions, c.head_dim, c.local_rope_theta),
         }
         new_caches = []
         for kind, layer, cache in zip(c.layer_types, self.layers, caches, strict=True):
-            h, cache = layer(h, *ropes[kind], masks[kind], True, cache, positions, index)
+            h, cache = layer(h, *ropes[kind], spec, True, cache, positions, index)
             new_caches.append(cache)
         return self.final_norm(h), tuple(new_caches)
 
