@@ -201,32 +201,54 @@ def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool,
     )
 
 
+def per_device(fn: Any, q: Array, k: Array, v: Array, rows: Array) -> Array:
+    """fn(q, k, v, rows) on each device's shard under the active mesh: rows split as the batch
+    is (data and fsdp), heads as they are (tensor); q, k, v (B, T, N, H), rows (B, T). A Pallas
+    kernel is one device's program, which GSPMD cannot partition, so it runs inside shard_map.
+    Without a mesh of several devices, fn itself."""
+    from ettin_jax import sharding
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(sharding.AXES) <= set(mesh.axis_names) or mesh.size == 1:
+        return fn(q, k, v, rows)
+    heads = sharding.logical_spec(("batch", None, "heads", None), q.shape, mesh, strict=False)
+    batch = sharding.logical_spec(("batch", None), rows.shape, mesh, strict=False)
+    return jax.shard_map(fn, in_specs=(heads, heads, heads, batch), out_specs=heads, check_vma=False)(q, k, v, rows)
+
+
 def splash_attention(
     q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None, interpret: bool | None = None
 ) -> Array:
     """Pallas splash attention (TPU): a causal or causal-and-local mask that skips empty blocks.
-    Padding and packed sequences travel as segment ids. Runs in the Pallas interpreter off TPU, for tests. Masks come from array indices, so
-    with splash the index of a token must be its column, as in every batch this library makes."""
+    Padding and packed sequences travel as segment ids. Runs in the Pallas interpreter off TPU,
+    for tests. Masks come from array indices, so with splash the index of a token must be its
+    column, as in every batch this library makes. Under a mesh, each device runs the kernel on
+    its own rows and heads (`per_device`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    _, length, heads, dim = q.shape
+    length, dim = q.shape[1], q.shape[3]
     padded = math.ceil(length / SPLASH_BLOCK) * SPLASH_BLOCK
     pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
     seg = spec.segment_ids if spec.segment_ids is not None else jnp.zeros(spec.valid.shape, jnp.int32)
     # Padding (and the block padding) is segment -1 on both sides: real tokens never see it, and
     # a padding query sees at least itself, so no row is empty (an empty row would give NaN).
     seg = jnp.pad(jnp.where(spec.valid, seg, -1).astype(jnp.int32), [(0, 0), (0, padded - length)], constant_values=-1)
-    kernel = _splash_kernel(padded, heads, window, interpret, SPLASH_BLOCK)
     scale = dim**-0.5
 
-    def one(q: Array, k: Array, v: Array, q_seg: Array, kv_seg: Array) -> Array:  # (N, T, H)
-        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=q_seg, kv=kv_seg))
+    def local(q: Array, k: Array, v: Array, seg: Array) -> Array:  # this device's rows and heads
+        with jax.ensure_compile_time_eval():  # the cached kernel's mask arrays must be concrete, not tracers
+            kernel = _splash_kernel(padded, q.shape[2], window, interpret, SPLASH_BLOCK)
 
-    heads_first = lambda x: jnp.pad(x, pad).transpose(0, 2, 1, 3)  # noqa: E731
-    out = jax.vmap(one)(heads_first(q * scale), heads_first(k), heads_first(v), seg, seg)
-    return out.transpose(0, 2, 1, 3)[:, :length].astype(q.dtype)
+        def one(q: Array, k: Array, v: Array, seg: Array) -> Array:  # (N, T, H)
+            return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+        heads_first = lambda x: jnp.pad(x, pad).transpose(0, 2, 1, 3)  # noqa: E731
+        out = jax.vmap(one)(heads_first(q * scale), heads_first(k), heads_first(v), seg)
+        return out.transpose(0, 2, 1, 3)[:, :length].astype(q.dtype)
+
+    return per_device(local, q, k, v, seg)
 
 
 def attend(
