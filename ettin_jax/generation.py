@@ -110,7 +110,9 @@ def _prefill(
     `kernel` is `model.output_kernel()`, taken once per generation."""
     positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, -1).astype(jnp.int32)
     caches = model.model.init_cache(ids.shape[0], cache_length)
-    hidden, caches = model.model.forward_cached(ids, positions, caches, 0)
+    # Padding embeds as token 0: a pad id outside the vocabulary would embed as NaN, and masked
+    # NaN keys still poison attention (0 * NaN).
+    hidden, caches = model.model.forward_cached(jnp.where(valid, ids, 0), positions, caches, 0)
     # Left padding puts every row's last real token in the last column.
     logits = model.logits(hidden[:, -1:], kernel)[:, 0].astype(jnp.float32)
     return logits, positions[:, -1] + 1, caches

@@ -79,6 +79,52 @@ def test_eos_stops_rows_and_pads_after_it(pair):
     assert first <= 4 and (new[first + 1 :] == 0).all()  # pad id 0 after EOS
 
 
+@pytest.mark.parametrize("impl", ["xla_blocked", "splash"])
+def test_prefill_runs_each_backend(pair, impl, monkeypatch):
+    """The prefill runs the model's attention backend: on a ragged left-padded batch longer than
+    the window, each backend's first logits and cached keys equal the dense backend's, and the
+    greedy continuation is the same."""
+    from ettin_jax import attention
+
+    _, model = pair
+    calls = []
+    backend = {"xla_blocked": "blocked_local_attention", "splash": "splash_attention"}[impl]
+    original = getattr(attention, backend)
+    monkeypatch.setattr(attention, backend, lambda *a, **k: calls.append(1) or original(*a, **k))
+    prompts = [PROMPT_LONG + PROMPT_MID + PROMPT_LONG, PROMPT_SHORT, PROMPT_MID]
+    batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
+    ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.valid)
+    kernel = model.output_kernel()
+    results = {}
+    for name in ("xla", impl):
+        model.set_attention_impl(name)
+        results[name] = generation._prefill(model, ids, valid, 64, kernel)
+        results[name + " tokens"] = model.generate(prompts, max_new_tokens=8, eos_token_id=[])
+    model.set_attention_impl("auto")
+    assert calls, f"the prefill never called {backend}"
+    (ref_logits, ref_positions, ref_caches), (logits, positions, caches) = results["xla"], results[impl]
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    np.testing.assert_array_equal(positions, ref_positions)
+    for ref, got in zip(ref_caches, caches, strict=True):
+        real = np.asarray(ref.positions >= 0)[:, None, :, None]
+        np.testing.assert_array_equal(got.positions, ref.positions)
+        np.testing.assert_allclose(np.where(real, got.k, 0), np.where(real, ref.k, 0), atol=1e-5)
+        np.testing.assert_allclose(np.where(real, got.v, 0), np.where(real, ref.v, 0), atol=1e-5)
+    np.testing.assert_array_equal(results[impl + " tokens"], results["xla tokens"])
+
+
+def test_a_pad_id_outside_the_vocabulary_pads_without_poisoning(pair):
+    """transformers takes any pad id; padding embeds as token 0, so a pad id outside the
+    vocabulary (NaN by design when embedded under jit) changes no token."""
+    _, model = pair
+    prompts = [PROMPT_LONG, PROMPT_SHORT]
+    expected = model.generate(prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    got = model.generate(prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=TINY["vocab_size"] + 872)
+    width = len(PROMPT_LONG)
+    np.testing.assert_array_equal(got[:, width:], expected[:, width:])
+    assert (got[1, : width - len(PROMPT_SHORT)] == TINY["vocab_size"] + 872).all()  # the prompt's padding
+
+
 def test_cache_logits_equal_full_forward_at_every_step(pair):
     _, model = pair
     prompts = [PROMPT_LONG, PROMPT_SHORT]
