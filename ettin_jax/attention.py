@@ -84,7 +84,7 @@ def resolve(impl: str, dtype: Any, length: int | None = None) -> str:
     return "xla_blocked" if length is None or length > BLOCKED_FROM else "xla"
 
 
-def _softmax_attend(q: Array, k: Array, v: Array, mask: Array, dropout: Any, deterministic: bool, spec: str) -> Array:
+def softmax_attend(q: Array, k: Array, v: Array, mask: Array, dropout: Any, deterministic: bool, spec: str) -> Array:
     """softmax(q k^T / sqrt(H) masked) v with scores in float32; `spec` names the einsum axes."""
     scores_spec, out_spec = spec.split("|")
     scores = jnp.einsum(scores_spec, q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
@@ -101,7 +101,7 @@ def xla_attention(
     """Dense: q, k, v (B, T, N, H) -> (B, T, N, H). With `rows` (B, Q), q (B, Q, N, H) holds only
     the queries of the tokens at those sequence indices -> (B, Q, N, H), O(Q * T) work."""
     mask = dense_mask(spec, window, rows)
-    return _softmax_attend(q, k, v, mask, dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
+    return softmax_attend(q, k, v, mask, dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
 
 
 def blocked_local_attention(
@@ -133,7 +133,7 @@ def blocked_local_attention(
     if spec.segment_ids is not None:
         q_seg = split(spec.segment_ids, -1)
         mask &= q_seg[:, :, None, :, None] == with_previous(q_seg, -1)[:, :, None, None, :]
-    out = _softmax_attend(qb, kb, vb, mask, dropout, deterministic, "BnCNH,BnSNH->BnNCS|BnNCS,BnSNH->BnCNH")
+    out = softmax_attend(qb, kb, vb, mask, dropout, deterministic, "BnCNH,BnSNH->BnNCS|BnNCS,BnSNH->BnCNH")
     return out.reshape(batch, blocks * size, heads, dim)[:, :length]
 
 
@@ -158,7 +158,7 @@ def chunked_causal_attention(
         )
         mask = dense_mask(part, None)[:, :, start:end]  # (B, 1, chunk, end)
         outs.append(
-            _softmax_attend(q[:, start:end], k[:, :end], v[:, :end], mask, dropout, deterministic,
+            softmax_attend(q[:, start:end], k[:, :end], v[:, :end], mask, dropout, deterministic,
                             "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
         )  # fmt: skip
     return jnp.concatenate(outs, axis=1)

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from ettin_jax import config as config_module
-from ettin_jax.attention import MASK_VALUE, MaskSpec, attend, take_rows, xla_attention
+from ettin_jax.attention import MaskSpec, attend, softmax_attend, take_rows, xla_attention
 from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
 from ettin_jax.sharding import constrain
@@ -106,36 +106,14 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 def make_attention_mask(q_positions: Array, kv_positions: Array, kv_valid: Array, window: int | None) -> Array:
     """(B, 1, T, S) bool: query i sees key j iff j is valid, j <= i and, on sliding layers,
-    i - j < window. Built from absolute positions (not array indices), so the same function
-    serves a full forward and a decode step against a cache."""
+    i - j < window. Built from absolute positions, not array indices: a decode step's mask over
+    a cache whose ring slots hold tokens in any order."""
     q = q_positions[:, None, :, None]
     k = kv_positions[:, None, None, :]
     mask = (k <= q) & kv_valid[:, None, None, :]
     if window is not None:
         mask &= q - k < window
     return mask
-
-
-def dot_product_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array,
-    dropout: nnx.Dropout | None,
-    deterministic: bool,
-    kv_layout: str = "BSNH",
-) -> Array:
-    """Dense masked attention. q (B, T, N, H); k and v (B, S, N, H), or (B, N, S, H) with
-    kv_layout="BNSH" (the cache's layout); mask (B, 1, T, S). Returns (B, T, N, H).
-
-    Scores and softmax in float32, probabilities cast back to v's dtype, as transformers does."""
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum(f"BTNH,{kv_layout}->BNTS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if dropout is not None:
-        probs = dropout(probs, deterministic=deterministic)
-    return jnp.einsum(f"BNTS,{kv_layout}->BTNH", probs, v)
 
 
 @flax.struct.dataclass
@@ -275,7 +253,7 @@ class Attention(nnx.Module):
         x: Array,
         cos: Array,
         sin: Array,
-        mask: MaskSpec | Array | None,
+        mask: MaskSpec | None,
         deterministic: bool,
         cache: LayerCache | None = None,
         positions: Array | None = None,
@@ -297,10 +275,13 @@ class Attention(nnx.Module):
                 out = xla_attention(q, k, v, mask, self.window, self.attn_drop, deterministic, rows)  # every backend
             out = self.Wo(out.reshape(*q.shape[:2], -1))
             return _drop(self.out_drop, out, deterministic), cache
-        layout = "BSNH"
-        if cache is not None and mask is None:
-            k, v, mask, layout = cache.k, cache.v, cache.mask(positions, self.window), "BNSH"
-        out = dot_product_attention(q, k, v, mask, self.attn_drop, deterministic, layout)  # (B, T, N, H)
+        if cache is None:
+            raise ValueError("attention without a MaskSpec needs a cache to decode against")
+        # A decode step: the new token attends over the cache, heads-first (B, N, S, H).
+        mask = cache.mask(positions, self.window)
+        out = softmax_attend(
+            q, cache.k, cache.v, mask, self.attn_drop, deterministic, "BTNH,BNSH->BNTS|BNTS,BNSH->BTNH"
+        )
         out = self.Wo(out.reshape(*x.shape[:2], -1))
         return _drop(self.out_drop, out, deterministic), cache
 
@@ -334,7 +315,7 @@ class DecoderLayer(nnx.Module):
         x: Array,
         cos: Array,
         sin: Array,
-        mask: MaskSpec | Array | None,
+        mask: MaskSpec | None,
         deterministic: bool,
         cache: LayerCache | None = None,
         positions: Array | None = None,

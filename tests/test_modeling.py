@@ -11,6 +11,7 @@ from flax import nnx
 from helpers import TINY, WINDOW, random_ids, to_numpy
 
 import ettin_jax as ej
+from ettin_jax.attention import MaskSpec
 from ettin_jax.modeling import make_attention_mask, rope_tables
 
 TOL = 1e-4
@@ -170,7 +171,8 @@ def test_decoder_layer_matches(pair, layer):
         np.testing.assert_allclose(np.asarray(cos), to_numpy(tcos), atol=1e-6)
         additive = torch.where(torch.tensor(np.asarray(mask)), 0.0, torch.finfo(torch.float32).min)
         ref = torch_model.model.layers[layer](h, position_embeddings=(tcos, tsin), attention_mask=additive)
-    got, _ = model.model.layers[layer](jnp.asarray(hidden), cos, sin, mask, True)
+    spec = MaskSpec(index=jnp.asarray(positions), valid=jnp.asarray(valid))  # the same mask, as the layer takes it
+    got, _ = model.model.layers[layer](jnp.asarray(hidden), cos, sin, spec, True)
     # Row 0's first three queries see no valid key: undefined in both frameworks.
     np.testing.assert_allclose(np.asarray(got)[valid], to_numpy(ref)[valid], atol=1e-5)
 
