@@ -5,8 +5,8 @@ one process, in bfloat16.
 - train: one AdamW step, bf16 compute on float32 master weights (transformers: torch.autocast
   and fused AdamW); MFU counts 3x the forward's FLOPs (no remat recompute);
 - generate: greedy, tokens/s at batch 1 and 64, every row making exactly `--new` tokens;
-- memory: an 8k-token prefill of the 1b shape (the GPU's peak bytes in use), and the KV cache
-  bytes per token of each library, with sliding layers holding a window of slots.
+- memory: an 8k-token prefill of the 1b shape (JAX's peak bytes in use on the GPU), and the KV
+  cache bytes per token of each library, with sliding layers holding a window of slots.
 
 MFU is model FLOPs over time over the device's dense bf16 peak from its datasheet (989 TFLOP/s
 for H100 SXM and H200); the measured 8192^3 matmul rate is printed beside it. Model FLOPs count
@@ -26,7 +26,8 @@ PyTorch's even at 8k; time each library in its own process (the ratio is then ac
 
 JAX takes at most `XLA_PYTHON_CLIENT_MEM_FRACTION` of the GPU (default here 0.45, allocated as
 needed), so that PyTorch has the rest. Without a GPU it runs on the CPU (slowly; for a dry run
-use `--sizes 17m --lengths 64 --tokens 128 --gen-batches 2 --new 8 --prompt 16`).
+use `--sizes 17m --lengths 64 --tokens 128 --train-tokens 128 --gen-sizes 17m --gen-batches 2 --new 8
+--prompt 16 --memory-size 17m --memory-length 256 --repeats 2`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ from ettin_jax import compilation
 from ettin_jax.train.optim import OptimizerConfig, make_optimizer
 from ettin_jax.train.steps import create_train_state, train_step
 
-DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense TFLOP/s, by name fragment
+# Dense bf16 FLOP/s by device-name fragment, the first match wins (PCIe and NVL H100s are slower).
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 GiB = 2**30
 
 
@@ -239,11 +241,13 @@ def part_generate(args, sizes, torch_device, rows):
 
 def part_memory(args, torch_device, rows):
 
-    size, length = args.memory_size, args.memory_length
+    size = args.memory_size
     with tempfile.TemporaryDirectory() as directory:
         config, reference = build(size, "ModernBertDecoderForCausalLM", directory, torch_device)
         model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     reference = reference.to(torch.bfloat16).eval()
+    # The longest prompt that leaves room for 16 new tokens (8176 for the Ettin shapes).
+    length = min(args.memory_length or config.max_position_embeddings, config.max_position_embeddings) - 16
     prompt = np.random.default_rng(0).integers(0, 50000, size=(1, length))
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=16, eos_token_id=[])
@@ -259,7 +263,8 @@ def part_memory(args, torch_device, rows):
     full = 2 * config.num_hidden_layers * config.hidden_size * 2  # every layer, every position, bf16
     peak_text = "n/a" if peak is None else f"{peak / GiB:.2f} GiB"
     rows.append(("memory", size, f"prefill {length} + 16 new", float("nan"), seconds, ours, theirs,
-                 f"JAX peak bytes in use over the whole run so far {peak_text}; first call (compiles) {first:.1f} s; "
+                 f"JAX peak bytes in use over the process so far (memory runs first by default) {peak_text}; "
+                 f"first call (compiles) {first:.1f} s; "
                  f"KV bytes/token at {length} tokens: ettin-jax {ours:.0f}, transformers {theirs:.0f}, "
                  f"all layers full {full}"))  # fmt: skip
     print(
@@ -288,7 +293,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--memory-size", default="1b")
-    parser.add_argument("--memory-length", type=int, default=8192)
+    parser.add_argument("--memory-length", type=int, default=None,
+                        help="prompt plus 16 new tokens (default: max_position_embeddings, 8192)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from helpers import TINY, random_ids
 
-from ettin_jax import ModernBertDecoderConfig, ModernBertDecoderForCausalLM
+from ettin_jax import ModernBertDecoderConfig, ModernBertDecoderForCausalLM, generation
 from ettin_jax.attention import AttentionError, MaskSpec, attend, resolve
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX sees none)")
@@ -128,14 +129,13 @@ def test_train_step_with_cudnn_matches_dense():
 
 
 def test_greedy_generation_on_gpu_matches_transformers(saved):
-    """float32 on the GPU (XLA's dense path; the default matmul precision is set to highest so
-    that no TF32 rounding enters), ragged batch, prompt longer than the window, against
+    """float32 on the GPU (XLA's dense path, not cuDNN; conftest.py sets the matmul precision to
+    highest, so no TF32 rounding enters), ragged batch, prompt longer than the window, against
     transformers on the CPU."""
     reference, directory = saved("causal")
     prompts = [random_ids(1, 11, seed=3)[0].tolist(), random_ids(1, 5, seed=4)[0].tolist()]
-    with jax.default_matmul_precision("highest"):
-        model = ModernBertDecoderForCausalLM.from_pretrained(directory)
-        ours = model.generate(prompts, max_new_tokens=24, eos_token_id=[])
+    model = ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ours = model.generate(prompts, max_new_tokens=24, eos_token_id=[])
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -146,17 +146,29 @@ def test_greedy_generation_on_gpu_matches_transformers(saved):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_bfloat16_generation_prefill_with_cudnn_matches_dense():
-    """A long prompt's prefill runs on cuDNN in bf16; its first greedy tokens match the dense
-    prefill's except where the two logits are within bf16 rounding of each other."""
+def test_bfloat16_prefill_runs_cudnn_and_matches_dense():
+    """A ragged left-padded batch longer than the window: the prefill compiles to cuDNN's fused
+    attention, and its first logits and the keys it caches match the dense prefill's to bf16
+    accuracy."""
     model = _model(jnp.bfloat16, "xla", max_position_embeddings=512)
-    prompt = random_ids(2, 300, seed=5)
-    dense = model.generate(prompt, max_new_tokens=1, eos_token_id=[])
-    model.set_attention_impl("cudnn")
-    fast = model.generate(prompt, max_new_tokens=1, eos_token_id=[])
-    logits = np.asarray(model(prompt).logits[:, -1], np.float32)
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    clear = [row for row in range(2) if top2[row, 1] - top2[row, 0] > 0.05]
-    assert clear, "both rows' top logits are within rounding: pick another seed"
-    for row in clear:
-        assert fast[row, -1] == dense[row, -1], row
+    prompts = [random_ids(1, 300, seed=5)[0].tolist(), random_ids(1, 77, seed=6)[0].tolist()]
+    batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
+    ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.valid)
+    runs = {}
+    for impl in ("xla", "cudnn"):
+        model.set_attention_impl(impl)
+        graphdef, state = nnx.split(model)
+
+        def prefill(state, ids, valid, graphdef=graphdef):
+            m = nnx.merge(graphdef, state)
+            return generation._prefill(m, ids, valid, 320, m.output_kernel())
+
+        compiled = jax.jit(prefill).lower(state, ids, valid).compile()
+        runs[impl] = (compiled(state, ids, valid), "__cudnn$fmha" in compiled.as_text())
+    (ref_logits, _, ref_caches), dense_has_cudnn = runs["xla"]
+    (logits, _, caches), has_cudnn = runs["cudnn"]
+    assert has_cudnn and not dense_has_cudnn
+    assert _relative(logits, ref_logits, True) < 2e-2
+    for ref, got in zip(ref_caches, caches, strict=True):
+        real = np.asarray(ref.positions >= 0)[:, None, :, None]
+        assert _relative(got.k, ref.k, real) < 2e-2
