@@ -39,6 +39,7 @@ import shlex
 import sys
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -67,19 +68,21 @@ def datasheet_peak(kind: str) -> float | None:
     return next((v for k, v in DATASHEET_BF16.items() if k in kind), None)
 
 
-def build(size: str, task_class: str, directory: str, torch_device: str):
-    """A random transformers model of the Ettin `size` shape, saved to `directory` in bf16;
-    returns (our config, the torch model in float32 on the device)."""
-
+def build(size: str, torch_device: str, param_dtype: Any):
+    """A random transformers causal LM of the Ettin `size` shape and ettin-jax's copy of it, read
+    back from its bf16 safetensors with bf16 compute and `param_dtype` params; returns (our
+    config, the torch model in float32 on the device, our model)."""
     config = ej.ModernBertDecoderConfig.ettin(size)
     hf_config = transformers.ModernBertDecoderConfig(
         **{k: v for k, v in config.to_dict().items() if k != "model_type"}, attn_implementation="sdpa"
     )
     torch.manual_seed(0)
     with torch.device(torch_device):
-        reference = getattr(transformers, task_class)(hf_config)
-    reference.to(torch.bfloat16).save_pretrained(directory)
-    return config, reference.float()
+        reference = transformers.ModernBertDecoderForCausalLM(hf_config)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.to(torch.bfloat16).save_pretrained(directory)
+        model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory, dtype=jnp.bfloat16, param_dtype=param_dtype)
+    return config, reference.float(), model
 
 
 def sync(torch_device: str) -> None:
@@ -91,11 +94,7 @@ def sync(torch_device: str) -> None:
 def part_forward(args, sizes, lengths, torch_device, peak, rows):
 
     for size in sizes:
-        with tempfile.TemporaryDirectory() as directory:
-            config, reference = build(size, "ModernBertDecoderForCausalLM", directory, torch_device)
-            model = ej.ModernBertDecoderForCausalLM.from_pretrained(
-                directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
-            )
+        config, reference, model = build(size, torch_device, jnp.bfloat16)
         reference = reference.to(torch.bfloat16).eval()
         graphdef, state = nnx.split(model)
 
@@ -136,11 +135,7 @@ def part_train(args, sizes, lengths, torch_device, peak, rows):
     for size in sizes:
         for length in lengths:
             batch = max(args.train_tokens // length, 1)
-            with tempfile.TemporaryDirectory() as directory:
-                config, reference = build(size, "ModernBertDecoderForCausalLM", directory, torch_device)
-                model = ej.ModernBertDecoderForCausalLM.from_pretrained(
-                    directory, dtype=jnp.bfloat16, param_dtype=jnp.float32
-                )
+            config, reference, model = build(size, torch_device, jnp.float32)
             model.model.remat = args.remat
             reference.config.use_cache = False
             reference.train()
@@ -202,11 +197,7 @@ def part_train(args, sizes, lengths, torch_device, peak, rows):
 def part_generate(args, sizes, torch_device, rows):
 
     for size in sizes:
-        with tempfile.TemporaryDirectory() as directory:
-            _, reference = build(size, "ModernBertDecoderForCausalLM", directory, torch_device)
-            model = ej.ModernBertDecoderForCausalLM.from_pretrained(
-                directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
-            )
+        _, reference, model = build(size, torch_device, jnp.bfloat16)
         reference = reference.to(torch.bfloat16).eval()
         for batch in args.gen_batches:
             prompts = np.random.default_rng(0).integers(0, 50000, size=(batch, args.prompt))
@@ -242,9 +233,7 @@ def part_generate(args, sizes, torch_device, rows):
 def part_memory(args, torch_device, rows):
 
     size = args.memory_size
-    with tempfile.TemporaryDirectory() as directory:
-        config, reference = build(size, "ModernBertDecoderForCausalLM", directory, torch_device)
-        model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    config, reference, model = build(size, torch_device, jnp.bfloat16)
     reference = reference.to(torch.bfloat16).eval()
     # The longest prompt that leaves room for 16 new tokens (8176 for the Ettin shapes).
     length = min(args.memory_length or config.max_position_embeddings, config.max_position_embeddings) - 16
