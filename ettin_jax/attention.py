@@ -19,7 +19,6 @@ Generation's cached decode step always runs the dense path against the cache.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -183,7 +182,6 @@ def cudnn_attention(q: Array, k: Array, v: Array, spec: MaskSpec, window: int | 
 SPLASH_BLOCK = 128  # splash works on whole blocks: sequences are padded up to a multiple
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool, block: int) -> Any:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -238,8 +236,9 @@ def splash_attention(
     scale = dim**-0.5
 
     def local(q: Array, k: Array, v: Array, seg: Array) -> Array:  # this device's rows and heads
-        with jax.ensure_compile_time_eval():  # the cached kernel's mask arrays must be concrete, not tracers
-            kernel = _splash_kernel(padded, q.shape[2], window, interpret, SPLASH_BLOCK)
+        # Built in each trace, not cached: its mask arrays are staged into the trace that builds
+        # them (a cached kernel would leak them into the next trace).
+        kernel = _splash_kernel(padded, q.shape[2], window, interpret, SPLASH_BLOCK)
 
         def one(q: Array, k: Array, v: Array, seg: Array) -> Array:  # (N, T, H)
             return kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
