@@ -69,13 +69,22 @@ def dense_mask(spec: MaskSpec, window: int | None, rows: Array | None = None) ->
 BLOCKED_FROM = 1024  # "auto" on CPU: below this many tokens dense attention was faster (RESULTS.md)
 
 
+def compile_platform() -> str:
+    """The platform the program being traced is for: that of the active mesh's devices (which
+    may be a TPU topology described on a CPU host, compiling ahead of time), else JAX's default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve(impl: str, dtype: Any, length: int | None = None) -> str:
     """The concrete backend for `impl` on this platform, compute dtype and sequence length."""
     if impl not in ATTENTION_IMPLS:
         raise AttentionError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
         return impl
-    platform = jax.default_backend()
+    platform = compile_platform()
     if platform == "tpu":
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -167,8 +176,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, spec: MaskSpec, window: int | 
     """cuDNN's fused attention through `jax.nn.dot_product_attention`. Padding and segments go
     in as a mask; the causal and sliding structure as `is_causal` and `local_window_size`, which
     let cuDNN skip blocks."""
-    if jax.default_backend() != "gpu":
-        raise AttentionError(f'attention_impl "cudnn" needs a GPU; this is {jax.default_backend()}. Use "xla_blocked"')
+    if compile_platform() != "gpu":
+        raise AttentionError(f'attention_impl "cudnn" needs a GPU; this is {compile_platform()}. Use "xla_blocked"')
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise AttentionError(f'attention_impl "cudnn" computes in bfloat16 or float16, got {q.dtype}; use "xla"')
     itself = spec.index[:, None, :, None] == spec.index[:, None, None, :]  # no empty row for padding queries
@@ -225,7 +234,7 @@ def splash_attention(
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = compile_platform() != "tpu"
     length, dim = q.shape[1], q.shape[3]
     padded = math.ceil(length / SPLASH_BLOCK) * SPLASH_BLOCK
     pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]

@@ -112,3 +112,24 @@ def test_chunked_causal_global_attention_matches_dense():
     grads = jax.grad(loss, argnums=(1, 2, 3))(chunked, q, k, v)
     for g, r in zip(grads, jax.grad(loss, argnums=(1, 2, 3))(dense, q, k, v), strict=True):
         np.testing.assert_allclose(g, r, atol=2e-5)
+
+
+def test_auto_follows_the_platform_of_the_mesh_being_compiled_for():
+    """Compiling for a TPU topology on a CPU host (benchmarks/tpu_aot.py), `auto` resolves by
+    the mesh's devices, not by the host: splash, and the kernel compiled, not interpreted."""
+    from ettin_jax import sharding
+    from ettin_jax.attention import compile_platform
+
+    try:
+        from jax._src.mesh import AbstractDevice  # what the mesh of a TPU topology carries
+
+        tpu = jax.sharding.AbstractMesh((1, 2, 2), sharding.AXES, abstract_device=AbstractDevice("TPU v5", 1, "tpu"))
+    except (ImportError, TypeError) as e:  # a private JAX type: skip rather than fail if it moves
+        pytest.skip(f"this JAX has no AbstractDevice as expected: {e}")
+    assert compile_platform() == jax.default_backend()
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert compile_platform() == "tpu"
+        assert resolve("auto", jnp.bfloat16, 512) == "splash"
+        with pytest.raises(AttentionError, match='"cudnn" needs a GPU; this is tpu'):
+            q, k, v, spec, _ = _inputs()
+            attend(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), spec, 4, "cudnn")
