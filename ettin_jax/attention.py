@@ -167,7 +167,7 @@ def chunked_causal_attention(
         mask = dense_mask(part, None)[:, :, start:end]  # (B, 1, chunk, end)
         outs.append(
             softmax_attend(q[:, start:end], k[:, :end], v[:, :end], mask, dropout, deterministic,
-                            "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
+                           "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
         )  # fmt: skip
     return jnp.concatenate(outs, axis=1)
 
