@@ -112,9 +112,9 @@ def _prefill(
     caches = model.model.init_cache(ids.shape[0], cache_length)
     # Padding embeds as token 0: a pad id outside the vocabulary would embed as NaN, and masked
     # NaN keys still poison attention (0 * NaN).
-    hidden, caches = model.model.forward_cached(jnp.where(valid, ids, 0), positions, caches, 0)
-    # Left padding puts every row's last real token in the last column.
-    logits = model.logits(hidden[:, -1:], kernel)[:, 0].astype(jnp.float32)
+    # Left padding puts every row's last real token in the last column: only its state is needed.
+    hidden, caches = model.model.forward_cached(jnp.where(valid, ids, 0), positions, caches, 0, last_only=True)
+    logits = model.logits(hidden, kernel)[:, 0].astype(jnp.float32)
     return logits, positions[:, -1] + 1, caches
 
 

@@ -480,16 +480,25 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         )
 
     def forward_cached(
-        self, input_ids: Array, positions: Array, caches: tuple[LayerCache, ...], index: Array | int
+        self,
+        input_ids: Array,
+        positions: Array,
+        caches: tuple[LayerCache, ...],
+        index: Array | int,
+        last_only: bool = False,
     ) -> tuple[Array, tuple[LayerCache, ...]]:
         """The incremental forward pass for generation. input_ids (B, T) sit at sequence
         indices index .. index + T - 1 of a left-padded batch; `positions` (B, T) are their
         positions, -1 for padding. T > 1 is a prefill into empty caches; T == 1 a decode step.
-        Returns final hidden states (B, T, D) and the updated caches."""
+        Returns final hidden states (B, T, D), or with `last_only` those of the last column alone,
+        (B, 1, D), whose last layer then runs its queries and MLP on that column only (every
+        token is still cached); and the updated caches."""
         c = self.config
         h = self.embeddings(input_ids, None, True)
         rope_positions = jnp.maximum(positions, 0)
-        spec = None
+        spec, rows = None, None
+        if last_only:
+            rows = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, jnp.int32)
         if input_ids.shape[1] > 1:
             # A prefill runs each layer's attention backend, as a forward pass does: masks from
             # column indices, as in transformers; with left padding a row's real tokens are
@@ -501,8 +510,9 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
             "sliding_attention": rope_tables(rope_positions, c.head_dim, c.local_rope_theta),
         }
         new_caches = []
-        for kind, layer, cache in zip(c.layer_types, self.layers, caches, strict=True):
-            h, cache = layer(h, *ropes[kind], spec, True, cache, positions, index)
+        last = len(self.layers) - 1
+        for i, (kind, layer, cache) in enumerate(zip(c.layer_types, self.layers, caches, strict=True)):
+            h, cache = layer(h, *ropes[kind], spec, True, cache, positions, index, rows if i == last else None)
             new_caches.append(cache)
         return self.final_norm(h), tuple(new_caches)
 
