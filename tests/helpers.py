@@ -59,3 +59,22 @@ def to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().float().numpy()
     return np.asarray(x, dtype=np.float32)
+
+
+def attention_inputs(t: int, n: int, h: int, dtype, *, left: int, right: int, split: int):
+    """Two rows of attention inputs: q, k, v (2, t, n, h) standard normal in `dtype`, a MaskSpec
+    in which row 0 has `left` padding tokens on the left, row 1 `right` on the right and packs two
+    sequences split at `split`, and the (2, t) bool mask of real tokens."""
+    import jax.numpy as jnp
+
+    from ettin_jax.attention import MaskSpec
+
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.normal(size=(2, t, n, h)), dtype) for _ in range(3))
+    valid = np.ones((2, t), bool)
+    valid[0, :left] = False
+    valid[1, t - right :] = False
+    segments = np.zeros((2, t), np.int32)
+    segments[1, split:] = 1
+    spec = MaskSpec(jnp.broadcast_to(jnp.arange(t), (2, t)), jnp.asarray(valid), jnp.asarray(segments))
+    return q, k, v, spec, valid

@@ -7,25 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY, random_ids
+from helpers import TINY, attention_inputs, random_ids
 
 from ettin_jax import ModernBertDecoderConfig, ModernBertDecoderForCausalLM
-from ettin_jax.attention import AttentionError, MaskSpec, attend, resolve
+from ettin_jax.attention import AttentionError, attend, resolve
 from ettin_jax.config import ConfigError
 
 B, T, N, H = 2, 40, 4, 16
 
 
 def _inputs():
-    r = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(r.normal(size=(B, T, N, H)), jnp.float32) for _ in range(3))
-    valid = np.ones((B, T), bool)
-    valid[0, :5] = False  # left padding
-    valid[1, -7:] = False  # right padding
-    segments = np.zeros((B, T), np.int32)
-    segments[1, 20:] = 1  # row 1 packs two sequences
-    spec = MaskSpec(jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.asarray(valid), jnp.asarray(segments))
-    return q, k, v, spec, valid
+    return attention_inputs(T, N, H, jnp.float32, left=5, right=7, split=20)
 
 
 @pytest.mark.parametrize("impl", ["xla_blocked", "splash"])

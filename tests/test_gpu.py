@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import TINY, random_ids
+from helpers import TINY, attention_inputs, random_ids
 
 from ettin_jax import ModernBertDecoderConfig, ModernBertDecoderForCausalLM, generation
-from ettin_jax.attention import AttentionError, MaskSpec, attend, resolve
+from ettin_jax.attention import AttentionError, attend, resolve
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX sees none)")
 
@@ -29,16 +29,8 @@ def _relative(out, ref, where) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def _inputs(seed: int = 0):
-    r = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(r.normal(size=(B, T, N, H)), jnp.bfloat16) for _ in range(3))
-    valid = np.ones((B, T), bool)
-    valid[0, :13] = False  # left padding
-    valid[1, -21:] = False  # right padding
-    segments = np.zeros((B, T), np.int32)
-    segments[1, 90:] = 1  # row 1 packs two sequences
-    spec = MaskSpec(jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.asarray(valid), jnp.asarray(segments))
-    return q, k, v, spec, valid
+def _inputs():
+    return attention_inputs(T, N, H, jnp.bfloat16, left=13, right=21, split=90)
 
 
 @pytest.mark.parametrize("window", [None, 16, 64])
