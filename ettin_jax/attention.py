@@ -208,19 +208,19 @@ def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool,
     )
 
 
-def per_device(fn: Any, q: Array, k: Array, v: Array, rows: Array) -> Array:
-    """fn(q, k, v, rows) on each device's shard under the active mesh: rows split as the batch
-    is (data and fsdp), heads as they are (tensor); q, k, v (B, T, N, H), rows (B, T). A Pallas
-    kernel is one device's program, which GSPMD cannot partition, so it runs inside shard_map.
-    Without a mesh of several devices, fn itself."""
+def per_device(fn: Any, q: Array, k: Array, v: Array, segments: Array) -> Array:
+    """fn(q, k, v, segments) on each device's shard under the active mesh: rows split as the
+    batch is (data and fsdp), heads as they are (tensor); q, k, v (B, T, N, H), segments (B, S).
+    A Pallas kernel is one device's program, which GSPMD cannot partition, so it runs inside
+    shard_map. Without a mesh of several devices, fn itself."""
     from ettin_jax import sharding
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(sharding.AXES) <= set(mesh.axis_names) or mesh.size == 1:
-        return fn(q, k, v, rows)
+        return fn(q, k, v, segments)
     heads = sharding.logical_spec(("batch", None, "heads", None), q.shape, mesh, strict=False)
-    batch = sharding.logical_spec(("batch", None), rows.shape, mesh, strict=False)
-    return jax.shard_map(fn, in_specs=(heads, heads, heads, batch), out_specs=heads, check_vma=False)(q, k, v, rows)
+    batch = sharding.logical_spec(("batch", None), segments.shape, mesh, strict=False)
+    return jax.shard_map(fn, in_specs=(heads, heads, heads, batch), out_specs=heads, check_vma=False)(q, k, v, segments)
 
 
 def splash_attention(
