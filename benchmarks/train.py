@@ -91,6 +91,12 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's own, every core)"
     )
+    parser.add_argument(
+        "--keep-host-memory",
+        action="store_true",
+        help="call ettin_jax.compilation.keep_host_memory first, as `ettin-jax train` does; it tunes glibc's "
+        "malloc for the whole process, so PyTorch's side runs with it too",
+    )
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -99,6 +105,12 @@ def main() -> None:
         parser.error(f"unknown task(s) {sorted(unknown)}; expected {', '.join(TASKS)}")
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
+
+    from ettin_jax import compilation  # imports JAX without starting its backend
+
+    kept = compilation.keep_host_memory() if args.keep_host_memory else False
+    if args.keep_host_memory and not kept:
+        parser.error("keep_host_memory did not apply (not glibc, or JAX had already started)")
 
     import jax
     import jax.numpy as jnp
@@ -216,7 +228,9 @@ def main() -> None:
         f"\n### train, {datetime.date.today()}, {machine}\n\n"
         f"{versions}; float32, AdamW (lr {LR}, weight decay {WEIGHT_DECAY} on matrices, no clipping), "
         f"same weights and batch on both sides (no padding), transformers attention "
-        f"{'/'.join(sorted(attn))}, {threads}; steps/s is one over the "
+        f"{'/'.join(sorted(attn))}, glibc malloc "
+        f"{'kept freed memory (keep_host_memory, both sides)' if kept else 'at its defaults'}, "
+        f"{threads}; steps/s is one over the "
         f"median of {args.steps} timed steps after {args.warmup} untimed (JAX compiles in the first), "
         f"the sides alternating step by step, JAX blocked on every step; `other load` is the cores other programs "
         f"kept busy during the timed steps (from /proc/stat). `{command}`\n\n"

@@ -64,11 +64,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--release-host-memory",
+        action="store_true",
+        help="let malloc return freed host memory to the OS (glibc's default). By default the command keeps it: "
+        "on CPU each step then reuses its pages instead of faulting them in again (about 1.2x faster for the "
+        "17m causal LM), at the cost of a higher resident size; see ettin_jax.compilation.keep_host_memory",
+    )
     distributed.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ettin_jax import compilation
     from ettin_jax.train.trainer import train
+
+    if not args.release_host_memory:
+        compilation.keep_host_memory()  # before JAX starts its backend, or it does nothing
 
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     values = {k: v for k, v in vars(args).items() if k in fields}
