@@ -117,6 +117,19 @@ def make_attention_mask(q_positions: Array, kv_positions: Array, kv_valid: Array
 
 
 @flax.struct.dataclass
+class DecodeWeights:
+    """Weights laid out for generation, derived from the parameters once per generation (on CPU,
+    once while they stay unchanged; see `ettin_jax.generation`):
+    - `kernel`, the (D, V) vocabulary projection (`ModernBertDecoderForCausalLM.output_kernel`);
+      on CPU a (V, D) operand costs XLA a transposed copy of the whole matrix at every step;
+    - `qkv`, each layer's query, key and value projections as one (D, 3, N, H) kernel, with its
+      (3, N, H) bias or None: one matmul instead of three for each layer of each decode step."""
+
+    kernel: Array
+    qkv: tuple[tuple[Array, Array | None], ...]
+
+
+@flax.struct.dataclass
 class LayerCache:
     """One layer's keys and values for decoding. A global layer holds a slot for every position
     up to the cache length; a sliding layer holds a ring of `sliding_window` slots, a third of
@@ -234,12 +247,39 @@ class Attention(nnx.Module):
         self.out_drop = _dropout(c.attention_dropout, make.rngs)
         self.impl = c.attention_impl  # static; `set_attention_impl` changes it
 
-    def qkv(self, x: Array, cos: Array, sin: Array, rows: Array | None = None) -> tuple[Array, Array, Array]:
+    def fused_qkv(self) -> tuple[Array, Array | None]:
+        """The q, k and v projections stacked: kernel (D, 3, N, H) and bias (3, N, H) or None.
+        Stacked on a new axis, so that each keeps its heads axis (and that axis's sharding)."""
+        shape = (self.num_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        kernel = jnp.stack([p.kernel[...].reshape(-1, *shape) for p in projections], axis=1)
+        if self.q_proj.bias is None:
+            return kernel, None
+        return kernel, jnp.stack([p.bias[...].reshape(shape) for p in projections])
+
+    def qkv(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        rows: Array | None = None,
+        fused: tuple[Array, Array | None] | None = None,
+    ) -> tuple[Array, Array, Array]:
         """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k. With `rows` (B, Q),
-        queries only for the tokens at those sequence indices: q (B, Q, N, H)."""
+        queries only for the tokens at those sequence indices: q (B, Q, N, H). With `fused`
+        (from `fused_qkv`, ignored with `rows`), one matmul computes all three."""
 
         def project(proj: nnx.Linear, x: Array) -> Array:
             return constrain(proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim), "heads")
+
+        if fused is not None and rows is None:
+            kernel, bias = fused
+            dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear computes
+            qkv = jnp.einsum("BTD,DKNH->BTKNH", x.astype(dtype), kernel.astype(dtype))
+            if bias is not None:
+                qkv = qkv + bias.astype(dtype)
+            q, k, v = (constrain(qkv[:, :, i], "heads") for i in range(3))
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
         k, v = project(self.k_proj, x), project(self.v_proj, x)
         if rows is None:
@@ -259,13 +299,14 @@ class Attention(nnx.Module):
         positions: Array | None = None,
         index: Array | int = 0,
         rows: Array | None = None,
+        fused: tuple[Array, Array | None] | None = None,
     ) -> tuple[Array, LayerCache | None]:
         """Without a cache: attention over x itself under the `MaskSpec`, by this layer's backend;
         with `rows` (B, Q), the output (B, Q, D) of the tokens at those sequence indices only.
         With a cache, the new keys are stored at sequence `index`. Several tokens (a prefill into
         an empty cache, with a `MaskSpec`) attend over themselves by this layer's backend; a single
         token (mask None) attends over the cache."""
-        q, k, v = self.qkv(x, cos, sin, rows)
+        q, k, v = self.qkv(x, cos, sin, rows, fused)
         if cache is not None:
             cache = cache.write(k, v, positions, index)
         if isinstance(mask, MaskSpec):
@@ -321,12 +362,14 @@ class DecoderLayer(nnx.Module):
         positions: Array | None = None,
         index: Array | int = 0,
         rows: Array | None = None,
+        fused: tuple[Array, Array | None] | None = None,
     ) -> tuple[Array, LayerCache | None]:
         """x (B, T, D) -> (B, T, D); with `rows` (B, Q), the output of the tokens at those
-        sequence indices only, (B, Q, D), every token still a key and value of the attention."""
+        sequence indices only, (B, Q, D), every token still a key and value of the attention.
+        `fused`: this layer's `Attention.fused_qkv()`, for generation."""
         x = gradient_fence(x)  # the identity; see its docstring
         h = x if self.attn_norm is None else self.attn_norm(x)
-        attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index, rows)
+        attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index, rows, fused)
         if rows is not None:
             x = take_rows(x, rows)
         x = gradient_fence(x + attn)
@@ -486,13 +529,14 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         caches: tuple[LayerCache, ...],
         index: Array | int,
         last_only: bool = False,
+        qkv: tuple[tuple[Array, Array | None], ...] | None = None,
     ) -> tuple[Array, tuple[LayerCache, ...]]:
         """The incremental forward pass for generation. input_ids (B, T) sit at sequence
         indices index .. index + T - 1 of a left-padded batch; `positions` (B, T) are their
         positions, -1 for padding. T > 1 is a prefill into empty caches; T == 1 a decode step.
         Returns final hidden states (B, T, D), or with `last_only` those of the last column alone,
         (B, 1, D), whose last layer then runs its queries and MLP on that column only (every
-        token is still cached); and the updated caches."""
+        token is still cached); and the updated caches. `qkv`: `DecodeWeights.qkv`, optional."""
         c = self.config
         h = self.embeddings(input_ids, None, True)
         rope_positions = jnp.maximum(positions, 0)
@@ -512,7 +556,8 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         new_caches = []
         last = len(self.layers) - 1
         for i, (kind, layer, cache) in enumerate(zip(c.layer_types, self.layers, caches, strict=True)):
-            h, cache = layer(h, *ropes[kind], spec, True, cache, positions, index, rows if i == last else None)
+            fused = None if qkv is None else qkv[i]
+            h, cache = layer(h, *ropes[kind], spec, True, cache, positions, index, rows if i == last else None, fused)
             new_caches.append(cache)
         return self.final_norm(h), tuple(new_caches)
 
@@ -574,6 +619,12 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
         if self.decoder.kernel is not None:
             return self.decoder.kernel[...]
         return self.model.embeddings.tok_embeddings.embedding[...].T
+
+    def decode_weights(self) -> DecodeWeights:
+        """The weights generation uses, laid out for its decode loop; see `DecodeWeights`."""
+        return DecodeWeights(
+            kernel=self.output_kernel(), qkv=tuple(layer.attn.fused_qkv() for layer in self.model.layers)
+        )
 
     def logits(self, hidden: Array, kernel: Array | None = None) -> Array:
         """(B, T, D) final hidden states -> (B, T, V) logits."""

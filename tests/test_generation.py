@@ -94,11 +94,11 @@ def test_prefill_runs_each_backend(pair, impl, monkeypatch):
     prompts = [PROMPT_LONG + PROMPT_MID + PROMPT_LONG, PROMPT_SHORT, PROMPT_MID]
     batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
     ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.valid)
-    kernel = model.output_kernel()
+    weights = model.decode_weights()
     results = {}
     for name in ("xla", impl):
         model.set_attention_impl(name)
-        results[name] = generation._prefill(model, ids, valid, 64, kernel)
+        results[name] = generation._prefill(model, ids, valid, 64, weights)
         results[name + " tokens"] = model.generate(prompts, max_new_tokens=8, eos_token_id=[])
     model.set_attention_impl("auto")
     assert calls, f"the prefill never called {backend}"
@@ -136,14 +136,36 @@ def test_cache_logits_equal_full_forward_at_every_step(pair):
     # logits of a fresh forward over the tokens up to t.
     valid = np.concatenate([batch.valid[:, offset:], np.ones((2, steps), bool)], axis=1)
     expected = np.asarray(model(full, attention_mask=valid).logits)
-    kernel = model.output_kernel()
-    logits, positions, caches = generation._prefill(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64, kernel)
+    weights = model.decode_weights()
+    logits, positions, caches = generation._prefill(
+        model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64, weights
+    )
     step_fn = nnx.jit(generation._step)
     for step in range(steps):
         np.testing.assert_allclose(np.asarray(logits), expected[:, width - 1 + step], atol=1e-4, err_msg=f"step {step}")
         token = jnp.asarray(full[:, width + step], jnp.int32)
-        logits, caches = step_fn(model, token, positions, caches, jnp.int32(batch.ids.shape[1] + step), kernel)
+        logits, caches = step_fn(model, token, positions, caches, jnp.int32(batch.ids.shape[1] + step), weights)
         positions = positions + 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="decode weights are kept across calls on CPU only")
+def test_kept_decode_weights_follow_the_parameters(pair):
+    """On CPU generation keeps the rearranged projections between calls; a parameter replaced
+    since (as an optimizer step replaces them) must be seen, never a stale copy."""
+    _, loaded = pair
+    model = nnx.merge(*nnx.split(loaded))  # a model of this test's own, with the same weights
+    prompts = [PROMPT_LONG, PROMPT_SHORT]
+    before = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
+    kept = generation._KEPT_WEIGHTS[model][1]
+    assert np.array_equal(model.generate(prompts, max_new_tokens=6, eos_token_id=[]), before)
+    assert generation._KEPT_WEIGHTS[model][1] is kept  # reused, not derived again
+    proj = model.model.layers[1].attn.v_proj
+    proj.kernel[...] = proj.kernel[...] * -30.0  # a new array in the same variable
+    after = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
+    assert generation._KEPT_WEIGHTS[model][1] is not kept
+    fresh = nnx.merge(*nnx.split(model))  # nothing kept for it: derives from the new weights
+    assert np.array_equal(after, fresh.generate(prompts, max_new_tokens=6, eos_token_id=[]))
+    assert not np.array_equal(after, before)  # the change mattered, so a stale copy would show
 
 
 def test_sliding_cache_is_a_ring_of_window_slots(pair):

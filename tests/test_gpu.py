@@ -153,7 +153,7 @@ def test_bfloat16_prefill_runs_cudnn_and_matches_dense():
 
         def prefill(state, ids, valid, graphdef=graphdef):
             m = nnx.merge(graphdef, state)
-            return generation._prefill(m, ids, valid, 320, m.output_kernel())
+            return generation._prefill(m, ids, valid, 320, m.decode_weights())
 
         compiled = jax.jit(prefill).lower(state, ids, valid).compile()
         runs[impl] = (compiled(state, ids, valid), "__cudnn$fmha" in compiled.as_text())
