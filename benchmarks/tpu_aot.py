@@ -84,7 +84,7 @@ def compile_generate(mesh, config, batch: int, prompt: int, new: int):
     static = _Static(sampling.static(), (50282,), 50283, new)
     with sharding.activate(mesh):
         return _generate_program.lower(
-            graphdef, state, sds((batch, prompt), jnp.int32, rows), sds((batch, prompt), bool, rows),
+            graphdef, state, None, sds((batch, prompt), jnp.int32, rows), sds((batch, prompt), bool, rows),
             sds((batch,), bool, sharding.batch_sharding(mesh, 1, size=batch)), sds((), jnp.int32, replicated),
             sds((), jnp.int32, replicated), values, sds((), key.dtype, replicated), static=static,
         ).compile()  # fmt: skip

@@ -121,15 +121,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt par
 _KEPT: dict[str, bool] = {}
 
 
-def _backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge  # no public way to ask without starting one
-
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
-        return True  # cannot tell: assume the worst
-
-
 def keep_host_memory() -> bool:
     """Makes glibc's malloc keep the memory the process frees, instead of returning it to the
     kernel; returns whether it did. Call it before JAX runs anything (the `ettin-jax train`
@@ -139,11 +130,13 @@ def keep_host_memory() -> bool:
     Why: XLA:CPU allocates a train step's temporaries afresh at every step, and glibc serves
     blocks that large with mmap and unmaps them when freed, so the kernel maps and zeroes every
     page again at the next step. For the 17m causal LM at 16 x 128 tokens that was 307,000 page
-    faults and 0.72 s of kernel time per 2.3 s step; with this, no faults and a 1.9 s step
+    faults and 0.72 s of kernel time per 2.2 s step; with this, no faults and a 1.8 s step
     (2-core x86 CPU, 2026-11-22; benchmarks/RESULTS.md). What it sets: one malloc arena, no mmap
     for large blocks, no trimming of the heap's top. The cost: the process keeps its peak host
     memory mapped until it exits, and every thread allocates from one arena. It changes the whole
     process, PyTorch included, which is why the library never calls it on import."""
+    from ettin_jax.distributed import _backend_started  # distributed imports this module
+
     if "kept" in _KEPT:
         return _KEPT["kept"]
     if platform.system() != "Linux" or _backend_started():

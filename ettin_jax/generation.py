@@ -164,7 +164,7 @@ def _generate_program(graphdef, state, weights, ids, valid, active, max_new, min
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
     batch, prompt_length = ids.shape
-    weights = model.decode_weights() if weights is None else weights
+    weights = model.decode_weights(fuse_qkv=False) if weights is None else weights  # see _decode_weights
     logits, positions, caches = _prefill(model, ids, valid, prompt_length + static.new_bucket, weights)
     seen = _prompt_tokens(ids, valid, logits.shape[-1])
     out = jnp.full((batch, static.new_bucket), static.pad_id, jnp.int32)
@@ -188,10 +188,12 @@ def _generate_program(graphdef, state, weights, ids, valid, active, max_new, min
 
 @functools.partial(compilation.jit, static_argnames=("graphdef", "cache_length"))
 def _prefill_program(graphdef, state, weights, ids, valid, *, cache_length: int):
+    """Logits, positions, caches, and the decode weights when it derived them itself (None when
+    given: returning an input from jit would copy it)."""
     TRACE_COUNT["prefill"] += 1
     model = nnx.merge(graphdef, state)
-    weights = model.decode_weights() if weights is None else weights
-    return (*_prefill(model, ids, valid, cache_length, weights), weights)
+    derived = model.decode_weights(fuse_qkv=False) if weights is None else None
+    return (*_prefill(model, ids, valid, cache_length, weights or derived), derived)
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef", "static"), donate_argnames=("caches",))
@@ -232,16 +234,20 @@ _KEPT_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _decode_weights(model: Any, graphdef: Any, state: Any) -> DecodeWeights | None:
     """On CPU, the model's `DecodeWeights`, derived at the first call and kept while its state
-    holds the same arrays; elsewhere None, and each program derives them itself.
+    holds the same arrays; elsewhere None, and each program derives them itself, without the
+    q, k, v stacks.
 
     Why only on CPU: there XLA materializes both rearrangements (a transposed copy of the (V, D)
     embedding, the stacked q, k and v kernels) at every call, 31 ms of a 1.05 s batch-16
-    generation of the 17m shape; GPU and TPU read a transposed operand in place, and the stack
-    costs them little. The cost: one more copy of the vocabulary projection and of the
-    attention's input projections while the model lives (57 MB for 17m in float32)."""
+    generation of the 17m shape; GPU and TPU read a transposed operand in place. The cost: a
+    copy of the tied vocabulary projection and of the attention's input projections while the
+    model lives, V*D + 3*D*D*L numbers (57 MB for 17m in float32, about 1.4 GB for 1b).
+    A state with leaves other than plain arrays (variables updated in place) is not kept."""
     if jax.default_backend() != "cpu":
         return None
-    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    leaves = jax.tree.leaves(state)
+    if not all(isinstance(x, jax.Array) for x in leaves):  # e.g. jax.Ref
+        return _decode_weights_program(graphdef, state)  # identity says nothing about in-place updates
     kept = _KEPT_WEIGHTS.get(model)
     # A dead reference reads None: an array freed since, even if a new one took its address.
     if kept is not None:
@@ -249,6 +255,8 @@ def _decode_weights(model: Any, graphdef: Any, state: Any) -> DecodeWeights | No
         if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves, strict=True)):
             return weights
     weights = _decode_weights_program(graphdef, state)
+    if model.decoder.kernel is not None:  # untied: the kernel is already (D, V); keep no copy
+        weights = weights.replace(kernel=model.decoder.kernel[...])
     _KEPT_WEIGHTS[model] = ([weakref.ref(x) for x in leaves], weights)
     return weights
 
@@ -400,10 +408,11 @@ def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kw
         {"min_new": np.int32(request.min_new), "values": request.sampling.values(), "key": jax.random.key(request.seed)},
     )  # fmt: skip
     with sharding.activate(mesh):
-        logits, positions, caches, weights = _prefill_program(
-            graphdef, state, _decode_weights(model, graphdef, state), rows["ids"], rows["valid"],
-            cache_length=prompt_length + static.new_bucket,
-        )  # fmt: skip
+        weights = _decode_weights(model, graphdef, state)
+        logits, positions, caches, derived = _prefill_program(
+            graphdef, state, weights, rows["ids"], rows["valid"], cache_length=prompt_length + static.new_bucket
+        )
+        weights = weights or derived
         seen = _prompt_tokens_program(rows["ids"], rows["valid"], logits.shape[-1])
         done = rows["done"]
         for step in range(request.max_new):

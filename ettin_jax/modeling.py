@@ -123,10 +123,11 @@ class DecodeWeights:
     - `kernel`, the (D, V) vocabulary projection (`ModernBertDecoderForCausalLM.output_kernel`);
       on CPU a (V, D) operand costs XLA a transposed copy of the whole matrix at every step;
     - `qkv`, each layer's query, key and value projections as one (D, 3, N, H) kernel, with its
-      (3, N, H) bias or None: one matmul instead of three for each layer of each decode step."""
+      (3, N, H) bias or None: one matmul instead of three for each layer of each decode step.
+      None off CPU, where the stack would be a copy of 3/8 of the weights in every program."""
 
     kernel: Array
-    qkv: tuple[tuple[Array, Array | None], ...]
+    qkv: tuple[tuple[Array, Array | None], ...] | None
 
 
 @flax.struct.dataclass
@@ -620,11 +621,10 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
             return self.decoder.kernel[...]
         return self.model.embeddings.tok_embeddings.embedding[...].T
 
-    def decode_weights(self) -> DecodeWeights:
+    def decode_weights(self, fuse_qkv: bool = True) -> DecodeWeights:
         """The weights generation uses, laid out for its decode loop; see `DecodeWeights`."""
-        return DecodeWeights(
-            kernel=self.output_kernel(), qkv=tuple(layer.attn.fused_qkv() for layer in self.model.layers)
-        )
+        qkv = tuple(layer.attn.fused_qkv() for layer in self.model.layers) if fuse_qkv else None
+        return DecodeWeights(kernel=self.output_kernel(), qkv=qkv)
 
     def logits(self, hidden: Array, kernel: Array | None = None) -> Array:
         """(B, T, D) final hidden states -> (B, T, V) logits."""

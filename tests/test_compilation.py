@@ -137,7 +137,16 @@ print(kept, compilation.keep_host_memory(), faults)
 """
 
 
+def _huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_host_memory tunes glibc's malloc")
+@pytest.mark.skipif(_huge_pages_always(), reason="with transparent huge pages always on, faults count 2 MiB pages")
 def test_keep_host_memory_stops_the_page_faults_of_each_step():
     """Each call of a program with a large temporary faults its pages in afresh under glibc's
     defaults; after keep_host_memory (called before JAX starts), it reuses them. Once the backend
