@@ -301,10 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with _log_to_stderr():
-            if args.command == "train":
-                from ettin_jax.train.cli import prepare_host
-
-                prepare_host(args)  # before anything runs JAX
+            if hasattr(args, "prepare"):
+                args.prepare(args)  # a command's set-up before anything runs JAX
             if hasattr(args, "distributed"):
                 distributed.from_arguments(args)  # before anything runs JAX
             return args.run(args)

@@ -31,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     classify.add_argument("--max-length", type=int, default=512, help="longer texts are truncated (and counted)")
     lm.add_argument("--block-size", type=int, default=512, help="tokens per packed training block")
     for parser in (classify, lm):
-        parser.set_defaults(run=run)
+        parser.set_defaults(run=run, prepare=prepare_host)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
