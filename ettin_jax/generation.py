@@ -386,8 +386,8 @@ def generate(
     )  # fmt: skip
     with sharding.activate(request.mesh):
         out, steps = _generate_program(
-            graphdef, state, _decode_weights(model, graphdef, state), rows["ids"], rows["valid"], rows["active"], shared["max_new"], shared["min_new"],
-            shared["values"], shared["key"], static=request.static,
+            graphdef, state, _decode_weights(model, graphdef, state), rows["ids"], rows["valid"], rows["active"],
+            shared["max_new"], shared["min_new"], shared["values"], shared["key"], static=request.static,
         )  # fmt: skip
     steps = int(sharding.to_host(steps))
     prompt = batch.ids[: batch.rows, batch.ids.shape[1] - batch.width :]
