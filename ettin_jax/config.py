@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ettin_jax.errors import EttinError
+
 MODEL_TYPE = "modernbert-decoder"
 LAYER_TYPES = ("full_attention", "sliding_attention")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -22,7 +24,7 @@ DEFAULT_GLOBAL_ROPE_THETA = 160_000.0
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
 
 
-class ConfigError(ValueError):
+class ConfigError(EttinError, ValueError):
     """A config that this port cannot run, with the field that is wrong in the message."""
 
 
