@@ -1,11 +1,13 @@
 """ettin-jax: the ModernBERT Decoder (Ettin decoders) in JAX and Flax NNX."""
 
 from ettin_jax import sharding
+from ettin_jax.cache import Cache
 from ettin_jax.config import ETTIN_SIZES, ConfigError, ModernBertDecoderConfig
+from ettin_jax.errors import EttinError
+from ettin_jax.inputs import InputError
 from ettin_jax.modeling import (
     BaseModelOutput,
     CausalLMOutput,
-    InputError,
     ModernBertDecoderForCausalLM,
     ModernBertDecoderForSequenceClassification,
     ModernBertDecoderModel,
@@ -18,8 +20,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ETTIN_SIZES",
     "BaseModelOutput",
+    "Cache",
     "CausalLMOutput",
     "ConfigError",
+    "EttinError",
     "InputError",
     "ModernBertDecoderConfig",
     "ModernBertDecoderForCausalLM",

@@ -14,7 +14,9 @@ Every backend takes the same `MaskSpec`: token indices (masks come from indices,
 position ids, as in transformers), which keys are real (padding), and optional segment ids
 (packed sequences: a query sees only keys of its own segment). The blocked paths and splash
 take a token's index to be its column, as in every forward pass this library makes.
-Generation's cached decode step always runs the dense path against the cache.
+Attention against a KV cache (`cached_attention`) is always the dense path, with the mask built
+from the sequence index stored with each cached key. One function, `visible`, says which keys
+a query sees, for every path.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ettin_jax import sharding
 from ettin_jax.config import ATTENTION_IMPLS
+from ettin_jax.errors import EttinError
+from ettin_jax.platforms import compile_platform
 
 Array = jax.Array
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: an all-masked row stays finite
 
 
-class AttentionError(ValueError):
+class AttentionError(EttinError, ValueError):
     """A backend asked to do what it cannot; the message names the backend and the way out."""
 
 
@@ -52,30 +57,34 @@ def take_rows(x: Array, rows: Array) -> Array:
     return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def dense_mask(spec: MaskSpec, window: int | None, rows: Array | None = None) -> Array:
-    """(B, 1, T, T) bool: query i sees key j iff j is real, j <= i, in the same segment and,
-    on sliding layers, i - j < window. With `rows` (B, Q), only the queries at those sequence
-    indices: (B, 1, Q, T)."""
-    pick = (lambda x: x) if rows is None else (lambda x: take_rows(x, rows))
-    q, k = pick(spec.index)[:, None, :, None], spec.index[:, None, None, :]
-    mask = (k <= q) & spec.valid[:, None, None, :]
+def visible(
+    q_index: Array, k_index: Array, k_valid: Array, window: int | None,
+    q_segment: Array | None = None, k_segment: Array | None = None,
+) -> Array:  # fmt: skip
+    """Whether each query sees each key, from sequence indices that broadcast against each other
+    (queries along the second-to-last axis, keys along the last): key j is real, j <= i, in the
+    query's segment and, on sliding layers, i - j < window."""
+    mask = (k_index <= q_index) & k_valid
     if window is not None:
-        mask &= q - k < window
-    if spec.segment_ids is not None:
-        mask &= pick(spec.segment_ids)[:, None, :, None] == spec.segment_ids[:, None, None, :]
+        mask &= q_index - k_index < window
+    if q_segment is not None:
+        mask &= q_segment == k_segment
     return mask
 
 
+def dense_mask(spec: MaskSpec, window: int | None, rows: Array | None = None) -> Array:
+    """(B, 1, T, T) bool: which keys each query sees (`visible`). With `rows` (B, Q), only the
+    queries at those sequence indices: (B, 1, Q, T)."""
+    pick = (lambda x: x) if rows is None else (lambda x: take_rows(x, rows))
+    segments = spec.segment_ids
+    return visible(
+        pick(spec.index)[:, None, :, None], spec.index[:, None, None, :], spec.valid[:, None, None, :], window,
+        None if segments is None else pick(segments)[:, None, :, None],
+        None if segments is None else segments[:, None, None, :],
+    )  # fmt: skip
+
+
 BLOCKED_FROM = 1024  # "auto" on CPU: below this many tokens dense attention was faster (RESULTS.md)
-
-
-def compile_platform() -> str:
-    """The platform the program being traced is for: that of the active mesh's devices (which
-    may be a TPU topology described on a CPU host, compiling ahead of time), else JAX's default
-    backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(impl: str, dtype: Any, length: int | None = None) -> str:
@@ -92,24 +101,39 @@ def resolve(impl: str, dtype: Any, length: int | None = None) -> str:
     return "xla_blocked" if length is None or length > BLOCKED_FROM else "xla"
 
 
-def softmax_attend(q: Array, k: Array, v: Array, mask: Array, dropout: Any, deterministic: bool, spec: str) -> Array:
-    """softmax(q k^T / sqrt(H) masked) v with scores in float32; `spec` names the einsum axes."""
+def softmax_attend(
+    q: Array, k: Array, v: Array, mask: Array, dropout: Any, deterministic: bool, spec: str
+) -> tuple[Array, Array]:
+    """softmax(q k^T / sqrt(H) masked) v with scores in float32; `spec` names the einsum axes.
+    Returns the output and the attention probabilities (which XLA drops when unused)."""
     scores_spec, out_spec = spec.split("|")
     scores = jnp.einsum(scores_spec, q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs, deterministic=deterministic)
-    return jnp.einsum(out_spec, probs, v)
+    return jnp.einsum(out_spec, probs, v), probs
 
 
 def xla_attention(
     q: Array, k: Array, v: Array, spec: MaskSpec, window: int | None, dropout: Any = None, deterministic: bool = True,
     rows: Array | None = None,
-) -> Array:  # fmt: skip
-    """Dense: q, k, v (B, T, N, H) -> (B, T, N, H). With `rows` (B, Q), q (B, Q, N, H) holds only
-    the queries of the tokens at those sequence indices -> (B, Q, N, H), O(Q * T) work."""
+) -> tuple[Array, Array]:  # fmt: skip
+    """Dense: q, k, v (B, T, N, H) -> (B, T, N, H), and the probabilities (B, N, T, T). With
+    `rows` (B, Q), q (B, Q, N, H) holds only the queries of the tokens at those sequence
+    indices -> (B, Q, N, H), O(Q * T) work."""
     mask = dense_mask(spec, window, rows)
     return softmax_attend(q, k, v, mask, dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
+
+
+def cached_attention(
+    q: Array, k: Array, v: Array, q_index: Array, k_index: Array, window: int | None, dropout: Any = None,
+    deterministic: bool = True,
+) -> tuple[Array, Array]:  # fmt: skip
+    """Queries q (B, T, N, H) at sequence indices q_index (B, T) over cached keys and values,
+    heads first, k, v (B, N, S, H), whose indices are k_index (B, S) (-1: empty) -> the output
+    (B, T, N, H) and the probabilities (B, N, T, S)."""
+    mask = visible(q_index[:, None, :, None], k_index[:, None, None, :], k_index[:, None, None, :] >= 0, window)
+    return softmax_attend(q, k, v, mask, dropout, deterministic, "BTNH,BNSH->BNTS|BNTS,BNSH->BTNH")
 
 
 def blocked_local_attention(
@@ -136,12 +160,14 @@ def blocked_local_attention(
     q_index = split(spec.index, -1)  # (B, n, C)
     k_index = with_previous(q_index, -1)  # (B, n, 2C)
     k_valid = with_previous(split(spec.valid, False), False)
-    qi, ki = q_index[:, :, None, :, None], k_index[:, :, None, None, :]
-    mask = (ki <= qi) & (qi - ki < window) & k_valid[:, :, None, None, :]  # (B, n, 1, C, 2C)
+    q_seg = k_seg = None
     if spec.segment_ids is not None:
         q_seg = split(spec.segment_ids, -1)
-        mask &= q_seg[:, :, None, :, None] == with_previous(q_seg, -1)[:, :, None, None, :]
-    out = softmax_attend(qb, kb, vb, mask, dropout, deterministic, "BnCNH,BnSNH->BnNCS|BnNCS,BnSNH->BnCNH")
+        q_seg, k_seg = q_seg[:, :, None, :, None], with_previous(q_seg, -1)[:, :, None, None, :]
+    mask = visible(
+        q_index[:, :, None, :, None], k_index[:, :, None, None, :], k_valid[:, :, None, None, :], window, q_seg, k_seg
+    )  # (B, n, 1, C, 2C)
+    out, _ = softmax_attend(qb, kb, vb, mask, dropout, deterministic, "BnCNH,BnSNH->BnNCS|BnNCS,BnSNH->BnCNH")
     return out.reshape(batch, blocks * size, heads, dim)[:, :length]
 
 
@@ -165,10 +191,10 @@ def chunked_causal_attention(
             segment_ids=None if spec.segment_ids is None else spec.segment_ids[:, :end],
         )
         mask = dense_mask(part, None)[:, :, start:end]  # (B, 1, chunk, end)
-        outs.append(
-            softmax_attend(q[:, start:end], k[:, :end], v[:, :end], mask, dropout, deterministic,
-                           "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH")
-        )  # fmt: skip
+        out, _ = softmax_attend(
+            q[:, start:end], k[:, :end], v[:, :end], mask, dropout, deterministic, "BTNH,BSNH->BNTS|BNTS,BSNH->BTNH"
+        )
+        outs.append(out)
     return jnp.concatenate(outs, axis=1)
 
 
@@ -213,8 +239,6 @@ def per_device(fn: Any, q: Array, k: Array, v: Array, segments: Array) -> Array:
     batch is (data and fsdp), heads as they are (tensor); q, k, v (B, T, N, H), segments (B, S).
     A Pallas kernel is one device's program, which GSPMD cannot partition, so it runs inside
     shard_map. Without a mesh of several devices, fn itself."""
-    from ettin_jax import sharding
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(sharding.AXES) <= set(mesh.axis_names) or mesh.size == 1:
         return fn(q, k, v, segments)
@@ -275,7 +299,7 @@ def attend(
     if impl in ("cudnn", "splash") and uses_dropout:
         raise AttentionError(f'attention_impl "{impl}" has no attention dropout; use "xla" or "xla_blocked"')
     if impl == "xla" or (impl == "xla_blocked" and window is None and q.shape[1] <= 2 * CAUSAL_CHUNK):
-        return xla_attention(q, k, v, spec, window, dropout, deterministic)
+        return xla_attention(q, k, v, spec, window, dropout, deterministic)[0]
     if impl == "xla_blocked":
         if window is None:
             return chunked_causal_attention(q, k, v, spec, CAUSAL_CHUNK, dropout, deterministic)

@@ -27,6 +27,8 @@ from typing import Any
 
 import jax
 
+from ettin_jax.platforms import backend_started, on_cpu
+
 CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -46,7 +48,7 @@ class TunedJit:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._chosen is None:
-            self._chosen = self._tuned if jax.default_backend() == "cpu" else self._plain
+            self._chosen = self._tuned if on_cpu() else self._plain
         try:
             return self._chosen(*args, **kwargs)
         except jax.errors.JaxRuntimeError as e:
@@ -111,9 +113,7 @@ def gradient_fence(x: jax.Array) -> jax.Array:
     PyTorch, benchmarks/train.py went from 0.64x to 0.80x and from 1.03x to 1.19x). Off CPU it
     is the identity: GPU and TPU fuse differently, and a conditional can cost a device-to-host
     sync on GPU."""
-    if jax.default_backend() != "cpu":
-        return x
-    return _fence(x)
+    return _fence(x) if on_cpu() else x
 
 
 # ---- keep_host_memory -------------------------------------------------------------------------
@@ -135,11 +135,9 @@ def keep_host_memory() -> bool:
     for large blocks, no trimming of the heap's top. The cost: the process keeps its peak host
     memory mapped until it exits, and every thread allocates from one arena. It changes the whole
     process, PyTorch included, which is why the library never calls it on import."""
-    from ettin_jax.distributed import _backend_started  # distributed imports this module
-
     if "kept" in _KEPT:
         return _KEPT["kept"]
-    if platform.system() != "Linux" or _backend_started():
+    if platform.system() != "Linux" or backend_started():
         return False
     name = ctypes.util.find_library("c")
     try:

@@ -1,4 +1,7 @@
-"""Generation: a KV-cached, jitted sampler with transformers' `generate` semantics.
+"""Generation: a KV-cached, jitted sampler with transformers' `generate` semantics, mixed into
+the causal LM as `GenerationMixin` (as transformers does). It runs the model it is mixed into
+through the model's own forward pass with a cache (`model.model(..., past_key_values=...)`) and
+its `logits`; it imports the cache and the sampling, never the model.
 
 `generate` runs one jitted program: a prefill over the (left-padded) prompts, then a
 `lax.while_loop` of decode steps that stops when every row has produced EOS or the token
@@ -24,58 +27,22 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ettin_jax import compilation, sharding
-from ettin_jax.modeling import DecodeWeights, LayerCache
+from ettin_jax.cache import Cache
+from ettin_jax.errors import EttinError
+from ettin_jax.padding import Padded, bucket, left_pad
+from ettin_jax.platforms import on_cpu
 from ettin_jax.sampling import SamplingConfig, choose, process_logits
 
 Array = jax.Array
 
-MIN_BUCKET = 16
 DEFAULT_MAX_NEW_TOKENS = 20
 
-# Incremented each time a generation program is traced: tests count compilations with it.
-TRACE_COUNT = {"generate": 0, "prefill": 0, "step": 0}
 
-
-class GenerationError(ValueError):
+class GenerationError(EttinError, ValueError):
     """Generation arguments that cannot work, named in the message."""
 
 
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 # ---- preparing a batch --------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """Prompts left-padded into a bucketed array."""
-
-    ids: np.ndarray  # (Bb, Pb) int32, left-padded with pad_id
-    valid: np.ndarray  # (Bb, Pb) bool
-    rows: int  # real rows; the rest pad the batch to its bucket
-    width: int  # the returned prompt width: the longest prompt
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, batch_bucket: bool = True, batch_multiple: int = 1
-) -> Batch:
-    if not prompts:
-        raise GenerationError("no prompts given")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
-    width = max(len(p) for p in prompts)
-    rows = len(prompts)
-    batch, length = (bucket(rows, 1) if batch_bucket else rows), bucket(width)
-    batch = -(-batch // batch_multiple) * batch_multiple  # whole rows for every batch shard
-    ids = np.full((batch, length), pad_id, np.int32)
-    valid = np.zeros((batch, length), bool)
-    for i, prompt in enumerate(prompts):
-        ids[i, length - len(prompt) :] = prompt
-        valid[i, length - len(prompt) :] = True
-    return Batch(ids, valid, rows, width)
-
-
 def prompts_from(input_ids: Any, attention_mask: Any) -> list[list[int]]:
     """Rows of `input_ids` without their padding (left or right), or a list of token lists."""
     if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
@@ -104,34 +71,27 @@ def _prompt_tokens(ids: Array, valid: Array, vocab: int) -> Array:
 _prompt_tokens_program = compilation.jit(_prompt_tokens, static_argnames=("vocab",))
 
 
-def _prefill(
-    model: Any, ids: Array, valid: Array, cache_length: int, weights: DecodeWeights
-) -> tuple[Array, Array, tuple[LayerCache, ...]]:
-    """Logits (B, V) float32 for the first new token, each row's next position, and caches.
-    `weights` is `model.decode_weights()`, taken once per generation."""
-    positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, -1).astype(jnp.int32)
-    caches = model.model.init_cache(ids.shape[0], cache_length)
+def _prefill(model: Any, ids: Array, valid: Array, cache_length: int, kernel: Array) -> tuple[Array, Array, Cache]:
+    """Logits (B, V) float32 for the first new token, each row's next position, and the cache,
+    preallocated for `cache_length` tokens. `kernel`: `model.output_kernel()`, taken once per
+    generation."""
+    batch, length = ids.shape
+    positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
     # Padding embeds as token 0: a pad id outside the vocabulary would embed as NaN, and masked
     # NaN keys still poison attention (0 * NaN).
     # Left padding puts every row's last real token in the last column: only its state is needed.
-    hidden, caches = model.model.forward_cached(
-        jnp.where(valid, ids, 0), positions, caches, 0, last_only=True, qkv=weights.qkv
+    out = model.model(
+        jnp.where(valid, ids, 0), valid, positions, use_cache=True, rows=jnp.full((batch, 1), length - 1, jnp.int32)
     )
-    logits = model.logits(hidden, weights.kernel)[:, 0].astype(jnp.float32)
-    return logits, positions[:, -1] + 1, caches
+    logits = model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32)
+    return logits, positions[:, -1] + 1, out.past_key_values.preallocate(model.config, cache_length)
 
 
-def _step(
-    model: Any,
-    tokens: Array,
-    positions: Array,
-    caches: tuple[LayerCache, ...],
-    index: Array,
-    weights: DecodeWeights,
-) -> tuple[Array, tuple[LayerCache, ...]]:
-    """Feeds one token per row (at sequence `index`); returns the next logits (B, V) float32."""
-    hidden, caches = model.model.forward_cached(tokens[:, None], positions[:, None], caches, index, qkv=weights.qkv)
-    return model.logits(hidden, weights.kernel)[:, 0].astype(jnp.float32), caches
+def _step(model: Any, tokens: Array, positions: Array, cache: Cache, kernel: Array) -> tuple[Array, Cache]:
+    """Feeds one token per row (at sequence index `cache.length`, position `positions` (B,));
+    returns the next logits (B, V) float32 and the cache."""
+    out = model.model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache)
+    return model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32), out.past_key_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +120,11 @@ def _finish(tokens, done, seen, static: _Static):
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef", "static"), donate_argnames=())
-def _generate_program(graphdef, state, weights, ids, valid, active, max_new, min_new, values, key, *, static: _Static):
-    TRACE_COUNT["generate"] += 1
+def _generate_program(graphdef, state, kernel, ids, valid, active, max_new, min_new, values, key, *, static: _Static):
     model = nnx.merge(graphdef, state)
     batch, prompt_length = ids.shape
-    weights = model.decode_weights(fuse_qkv=False) if weights is None else weights  # see _decode_weights
-    logits, positions, caches = _prefill(model, ids, valid, prompt_length + static.new_bucket, weights)
+    kernel = model.output_kernel() if kernel is None else kernel  # see _output_kernel
+    logits, positions, cache = _prefill(model, ids, valid, prompt_length + static.new_bucket, kernel)
     seen = _prompt_tokens(ids, valid, logits.shape[-1])
     out = jnp.full((batch, static.new_bucket), static.pad_id, jnp.int32)
 
@@ -174,97 +133,78 @@ def _generate_program(graphdef, state, weights, ids, valid, active, max_new, min
         return (step < max_new) & ~jnp.all(done)
 
     def body(carry):
-        step, out, done, seen, logits, positions, caches = carry
+        step, out, done, seen, logits, positions, cache = carry
         tokens = _choose_next(logits, seen, step, min_new, key, values, static)
         tokens, done, seen = _finish(tokens, done, seen, static)
         out = jax.lax.dynamic_update_slice_in_dim(out, tokens[:, None], step, axis=1)
-        logits, caches = _step(model, tokens, positions, caches, prompt_length + step, weights)
-        return step + 1, out, done, seen, logits, positions + 1, caches
+        logits, cache = _step(model, tokens, positions, cache, kernel)
+        return step + 1, out, done, seen, logits, positions + 1, cache
 
-    carry = (jnp.int32(0), out, ~active, seen, logits, positions, caches)
+    carry = (jnp.int32(0), out, ~active, seen, logits, positions, cache)
     step, out, *_ = jax.lax.while_loop(cond, body, carry)
     return out, step
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef", "cache_length"))
-def _prefill_program(graphdef, state, weights, ids, valid, *, cache_length: int):
-    """Logits, positions, caches, and the decode weights when it derived them itself (None when
+def _prefill_program(graphdef, state, kernel, ids, valid, *, cache_length: int):
+    """Logits, positions, the cache, and the output kernel when it derived it itself (None when
     given: returning an input from jit would copy it)."""
-    TRACE_COUNT["prefill"] += 1
     model = nnx.merge(graphdef, state)
-    derived = model.decode_weights(fuse_qkv=False) if weights is None else None
-    return (*_prefill(model, ids, valid, cache_length, weights or derived), derived)
+    derived = model.output_kernel() if kernel is None else None
+    return (*_prefill(model, ids, valid, cache_length, derived if kernel is None else kernel), derived)
 
 
-@functools.partial(compilation.jit, static_argnames=("graphdef", "static"), donate_argnames=("caches",))
-def _stream_program(
-    graphdef,
-    state,
-    weights,
-    logits,
-    seen,
-    done,
-    positions,
-    caches,
-    index,
-    step,
-    min_new,
-    values,
-    key,
-    *,
-    static: _Static,
-):
-    TRACE_COUNT["step"] += 1
+@functools.partial(compilation.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
+def _stream_program(graphdef, state, kernel, logits, seen, done, positions, cache, step, min_new, values, key, *,
+                    static: _Static):  # fmt: skip
     model = nnx.merge(graphdef, state)
     tokens = _choose_next(logits, seen, step, min_new, key, values, static)
     tokens, done, seen = _finish(tokens, done, seen, static)
-    logits, caches = _step(model, tokens, positions, caches, index, weights)
-    return tokens, logits, seen, done, positions + 1, caches
+    logits, cache = _step(model, tokens, positions, cache, kernel)
+    return tokens, logits, seen, done, positions + 1, cache
 
 
-# ---- decode weights, kept across calls on CPU -----------------------------------------------
+# ---- the output kernel, kept across calls on CPU ---------------------------------------------
 @functools.partial(compilation.jit, static_argnames=("graphdef",))
-def _decode_weights_program(graphdef, state):
-    return nnx.merge(graphdef, state).decode_weights()
+def _output_kernel_program(graphdef, state):
+    return nnx.merge(graphdef, state).output_kernel()
 
 
-# model -> (weak references to the state's arrays they were derived from, DecodeWeights)
-_KEPT_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> (weak references to the state's arrays it was derived from, the (D, V) kernel)
+_KEPT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _decode_weights(model: Any, graphdef: Any, state: Any) -> DecodeWeights | None:
-    """On CPU, the model's `DecodeWeights`, derived at the first call and kept while its state
-    holds the same arrays; elsewhere None, and each program derives them itself, without the
-    q, k, v stacks.
+def _output_kernel(model: Any, graphdef: Any, state: Any) -> Array | None:
+    """On CPU, the model's (D, V) `output_kernel()`, derived at the first call and kept while its
+    state holds the same arrays; elsewhere None, and each program derives it itself.
 
-    Why only on CPU: there XLA materializes both rearrangements (a transposed copy of the (V, D)
-    embedding, the stacked q, k and v kernels) at every call, 31 ms of a 1.05 s batch-16
-    generation of the 17m shape; GPU and TPU read a transposed operand in place. The cost: a
-    copy of the tied vocabulary projection and of the attention's input projections while the
-    model lives, V*D + 3*D*D*L numbers (57 MB for 17m in float32, about 1.4 GB for 1b).
+    Why only on CPU: there XLA materializes the transposed copy of the tied (V, D) embedding at
+    every call, where GPU and TPU read a transposed operand in place. Kept, the 17m shape
+    generates 1.31x faster at batch 1 and 1.07x at batch 16 (benchmarks/RESULTS.md, 2026-11-30).
+    The cost: a copy of the vocabulary projection while the model lives (51 MB for 17m in float32).
     A state with leaves other than plain arrays (variables updated in place) is not kept."""
-    if jax.default_backend() != "cpu":
+    if not on_cpu():
         return None
+    if model.decoder.kernel is not None:  # untied: the kernel is already (D, V)
+        return model.decoder.kernel[...]
     leaves = jax.tree.leaves(state)
     if not all(isinstance(x, jax.Array) for x in leaves):  # e.g. jax.Ref
-        return _decode_weights_program(graphdef, state)  # identity says nothing about in-place updates
-    kept = _KEPT_WEIGHTS.get(model)
+        return _output_kernel_program(graphdef, state)  # identity says nothing about in-place updates
+    kept = _KEPT_KERNELS.get(model)
     # A dead reference reads None: an array freed since, even if a new one took its address.
     if kept is not None:
-        refs, weights = kept
+        refs, kernel = kept
         if len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves, strict=True)):
-            return weights
-    weights = _decode_weights_program(graphdef, state)
-    if model.decoder.kernel is not None:  # untied: the kernel is already (D, V); keep no copy
-        weights = weights.replace(kernel=model.decoder.kernel[...])
-    _KEPT_WEIGHTS[model] = ([weakref.ref(x) for x in leaves], weights)
-    return weights
+            return kernel
+    kernel = _output_kernel_program(graphdef, state)
+    _KEPT_KERNELS[model] = ([weakref.ref(x) for x in leaves], kernel)
+    return kernel
 
 
 # ---- the user-facing functions ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Request:
-    batch: Batch
+    batch: Padded
     sampling: SamplingConfig
     static: _Static
     max_new: int
@@ -308,22 +248,28 @@ def _prepare(
             "pass do_sample=True"
         )
     prompts = prompts_from(input_ids, attention_mask)
+    if not prompts:
+        raise GenerationError("no prompts given")
     for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
         bad = [t for t in prompt if not 0 <= t < config.vocab_size]
         if bad:
             raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
     prompts = [p for p in prompts for _ in range(num_return_sequences)]
-    width = max((len(p) for p in prompts), default=0)
-    if max_new_tokens is None:
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_length is None else max_length - width
-    if max_new_tokens < 0 or (max_length is not None and max_new_tokens <= 0 and width):
-        raise GenerationError(f"max_length={max_length} leaves no room after the {width}-token prompt")
+    width = max(len(p) for p in prompts)
+    if max_new_tokens is None and max_length is not None:
+        max_new_tokens = max_length - width
+        if max_new_tokens <= 0:
+            raise GenerationError(f"max_length={max_length} leaves no room after the {width}-token prompt")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if min_new_tokens < 0:
         raise GenerationError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
-    longest = max((len(p) for p in prompts), default=0)
-    if longest + max_new_tokens > config.max_position_embeddings:
+    if width + max_new_tokens > config.max_position_embeddings:
         raise GenerationError(
-            f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds max_position_embeddings "
+            f"a {width}-token prompt plus {max_new_tokens} new tokens exceeds max_position_embeddings "
             f"({config.max_position_embeddings})"
         )
     if eos_token_id is None:
@@ -348,79 +294,81 @@ def _place(mesh: Any, rows: dict[str, Any], shared: dict[str, Any]) -> tuple[dic
     return sharding.put_batch(rows, mesh), jax.tree.map(lambda x: sharding.put(x, replicated), shared)
 
 
-def generate(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    num_return_sequences: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int = 0,
-) -> np.ndarray:
-    """Token ids (batch * num_return_sequences, prompt + new), prompts left-padded; rows that
-    finished early are padded with `pad_token_id` after their EOS. See the module docstring."""
-    graphdef, state = nnx.split(model)
-    request = _prepare(
-        model, state, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
-        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-    )  # fmt: skip
-    batch = request.batch
-    active = np.arange(batch.ids.shape[0]) < batch.rows
-    rows, shared = _place(
-        request.mesh,
-        {"ids": batch.ids, "valid": batch.valid, "active": active},
-        {"max_new": np.int32(request.max_new), "min_new": np.int32(request.min_new),
-         "values": request.sampling.values(), "key": jax.random.key(request.seed)},
-    )  # fmt: skip
-    with sharding.activate(request.mesh):
-        out, steps = _generate_program(
-            graphdef, state, _decode_weights(model, graphdef, state), rows["ids"], rows["valid"], rows["active"],
-            shared["max_new"], shared["min_new"], shared["values"], shared["key"], static=request.static,
+class GenerationMixin:
+    """`generate` and `generate_stream` for the causal LM, with transformers' arguments."""
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        num_return_sequences: int = 1,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Token ids (batch * num_return_sequences, prompt + new), prompts left-padded; rows that
+        finished early are padded with `pad_token_id` after their EOS. `input_ids`: a 2-D array
+        (with `attention_mask` for padding) or a list of token lists. See the module docstring."""
+        graphdef, state = nnx.split(self)
+        request = _prepare(
+            self, state, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
         )  # fmt: skip
-    steps = int(sharding.to_host(steps))
-    prompt = batch.ids[: batch.rows, batch.ids.shape[1] - batch.width :]
-    return np.concatenate([prompt, sharding.to_host(out)[: batch.rows, :steps]], axis=1)
-
-
-def generate_stream(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
-    """Like `generate`, but yields each step's new tokens, (batch * num_return_sequences,),
-    as soon as they are made (pad for rows already finished)."""
-    graphdef, state = nnx.split(model)
-    request = _prepare(model, state, input_ids, attention_mask, **kwargs)
-    batch, static = request.batch, request.static
-    prompt_length = batch.ids.shape[1]
-    mesh = request.mesh
-    rows, shared = _place(
-        mesh,
-        {"ids": batch.ids, "valid": batch.valid, "done": np.arange(batch.ids.shape[0]) >= batch.rows},
-        {"min_new": np.int32(request.min_new), "values": request.sampling.values(), "key": jax.random.key(request.seed)},
-    )  # fmt: skip
-    with sharding.activate(mesh):
-        weights = _decode_weights(model, graphdef, state)
-        logits, positions, caches, derived = _prefill_program(
-            graphdef, state, weights, rows["ids"], rows["valid"], cache_length=prompt_length + static.new_bucket
-        )
-        weights = weights or derived
-        seen = _prompt_tokens_program(rows["ids"], rows["valid"], logits.shape[-1])
-        done = rows["done"]
-        for step in range(request.max_new):
-            counters = _place(mesh, {}, {"index": np.int32(prompt_length + step), "step": np.int32(step)})[1]
-            tokens, logits, seen, done, positions, caches = _stream_program(
-                graphdef, state, weights, logits, seen, done, positions, caches, counters["index"], counters["step"],
-                shared["min_new"], shared["values"], shared["key"], static=static,
+        batch = request.batch
+        active = np.arange(batch.ids.shape[0]) < batch.rows
+        rows, shared = _place(
+            request.mesh,
+            {"ids": batch.ids, "valid": batch.mask, "active": active},
+            {"max_new": np.int32(request.max_new), "min_new": np.int32(request.min_new),
+             "values": request.sampling.values(), "key": jax.random.key(request.seed)},
+        )  # fmt: skip
+        with sharding.activate(request.mesh):
+            out, steps = _generate_program(
+                graphdef, state, _output_kernel(self, graphdef, state), rows["ids"], rows["valid"], rows["active"],
+                shared["max_new"], shared["min_new"], shared["values"], shared["key"], static=request.static,
             )  # fmt: skip
-            yield sharding.to_host(tokens)[: batch.rows]
-            if sharding.to_host(done).all():
-                return
+        steps = int(sharding.to_host(steps))
+        prompt = batch.ids[: batch.rows, batch.ids.shape[1] - batch.width :]
+        return np.concatenate([prompt, sharding.to_host(out)[: batch.rows, :steps]], axis=1)
+
+    def generate_stream(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
+        """Like `generate`, but yields each step's new tokens, (batch * num_return_sequences,),
+        as soon as they are made (pad for rows already finished)."""
+        graphdef, state = nnx.split(self)
+        request = _prepare(self, state, input_ids, attention_mask, **kwargs)
+        batch, static, mesh = request.batch, request.static, request.mesh
+        rows, shared = _place(
+            mesh,
+            {"ids": batch.ids, "valid": batch.mask, "done": np.arange(batch.ids.shape[0]) >= batch.rows},
+            {"min_new": np.int32(request.min_new), "values": request.sampling.values(),
+             "key": jax.random.key(request.seed)},
+        )  # fmt: skip
+        with sharding.activate(mesh):
+            kernel = _output_kernel(self, graphdef, state)
+            logits, positions, cache, derived = _prefill_program(
+                graphdef, state, kernel, rows["ids"], rows["valid"], cache_length=batch.ids.shape[1] + static.new_bucket
+            )
+            kernel = derived if kernel is None else kernel
+            seen = _prompt_tokens_program(rows["ids"], rows["valid"], logits.shape[-1])
+            done = rows["done"]
+            for step in range(request.max_new):
+                counter = _place(mesh, {}, {"step": np.int32(step)})[1]["step"]
+                tokens, logits, seen, done, positions, cache = _stream_program(
+                    graphdef, state, kernel, logits, seen, done, positions, cache, counter, shared["min_new"],
+                    shared["values"], shared["key"], static=static,
+                )  # fmt: skip
+                yield sharding.to_host(tokens)[: batch.rows]
+                if sharding.to_host(done).all():
+                    return

@@ -40,10 +40,11 @@ def check_inputs(
     position_ids: Any,
     inputs_embeds: Any,
     segment_ids: Any = None,
-    past_length: int = 0,
+    past_length: int | None = 0,
 ) -> tuple[Array | None, ...]:
     """The inputs as arrays, or an `InputError` that names the one that is wrong. `past_length`:
-    the tokens a cache already holds (the attention mask then covers them too)."""
+    the tokens a cache already holds (the attention mask may cover them too); None when unknown
+    (a traced cache length), which skips the checks that need it."""
     if (input_ids is None) == (inputs_embeds is None):
         raise InputError("pass exactly one of input_ids and inputs_embeds")
     input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = (
@@ -73,13 +74,20 @@ def check_inputs(
         shape = tuple(jnp.shape(inputs_embeds))[:2]
     if shape[1] == 0:
         raise InputError("the input sequence is empty (length 0)")
-    if past_length + shape[1] > config.max_position_embeddings:
-        what = f"sequence length {shape[1]}" + (f" after {past_length} cached tokens" if past_length else "")
+    past = past_length or 0
+    if past + shape[1] > config.max_position_embeddings:
+        what = f"sequence length {shape[1]}" + (f" after {past} cached tokens" if past else "")
         raise InputError(f"{what} is longer than max_position_embeddings ({config.max_position_embeddings})")
-    mask_shape = (shape[0], past_length + shape[1])
-    if attention_mask is not None and tuple(jnp.shape(attention_mask)) not in {shape, mask_shape}:
-        expected = f"{shape}" + (f" or {mask_shape} (cached tokens included)" if past_length else " like the inputs")
-        raise InputError(f"attention_mask has shape {tuple(jnp.shape(attention_mask))}; expected {expected}")
+    if attention_mask is not None:
+        got = tuple(jnp.shape(attention_mask))
+        fits = got in {shape, (shape[0], past + shape[1])}
+        if past_length is None:  # the cached part's width is unknown: any mask that ends with the new tokens
+            fits = len(got) == 2 and got[0] == shape[0] and got[1] >= shape[1]
+        if not fits:
+            expected = f"{shape} like the inputs" + (
+                f", or {(shape[0], past + shape[1])} with the cached tokens" if past else ""
+            )
+            raise InputError(f"attention_mask has shape {got}; expected {expected}")
     for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids)):
         if value is not None and tuple(jnp.shape(value)) != shape:
             raise InputError(f"{name} has shape {tuple(jnp.shape(value))}; expected {shape} like the inputs")

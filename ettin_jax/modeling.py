@@ -1,13 +1,17 @@
 """ModernBERT Decoder (the Ettin decoders) in Flax NNX.
 
-One file, read top to bottom: outputs, building blocks (init, RoPE, masks, attention), the
+The model, read top to bottom: outputs, building blocks (init, RoPE), attention, MLP, the
 decoder layer, the base model, then the two heads. Module and parameter names follow the
 transformers checkpoint (`attn_norm`, `q_proj`, `Wi`, `Wo`, `final_norm`, `lm_head`, `decoder`,
 `head`, `classifier`), so the key map in `ettin_jax.convert.keys` is nearly the identity:
 PyTorch `weight` becomes `kernel` (transposed), `scale` (LayerNorm) or `embedding`.
 
+What lives elsewhere: attention backends and masks (`attention`), the KV cache (`cache`), input
+checks (`inputs`), losses (`losses`), sampling (`generation`, a mixin of the causal LM), and
+checkpoint reading and writing (`convert`).
+
 Shape letters: B batch, T query length, S key length, D hidden, N heads, H head_dim,
-F intermediate, V vocab, L labels.
+F intermediate, V vocab, L labels, Q selected rows.
 """
 
 from __future__ import annotations
@@ -21,47 +25,49 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from ettin_jax import config as config_module
-from ettin_jax.attention import MaskSpec, attend, softmax_attend, take_rows, xla_attention
+from ettin_jax import convert
+from ettin_jax.attention import AttentionError, MaskSpec, attend, cached_attention, take_rows, xla_attention
+from ettin_jax.cache import Cache, LayerCache
 from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
+from ettin_jax.generation import GenerationMixin
+from ettin_jax.inputs import InputError, check_inputs, concrete
+from ettin_jax.losses import causal_lm_loss, classification_loss
 from ettin_jax.sharding import constrain
 
 Array = jax.Array
 DType = Any
-
-# Added to masked attention logits. Finite, so a row with every key masked (a pad query under
-# left padding) gives a uniform distribution instead of NaN.
 
 
 # ---- outputs ------------------------------------------------------------------------------
 @flax.struct.dataclass
 class BaseModelOutput:
     last_hidden_state: Array  # (B, T, D), after final_norm
+    past_key_values: Cache | None = None  # with use_cache, or when continuing from a cache
     # Embedding output, then the output of each layer; the last entry is after final_norm,
     # as in transformers.
     hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None  # each layer's probabilities, (B, N, T, S)
 
 
 @flax.struct.dataclass
 class CausalLMOutput:
     logits: Array  # (B, T, V)
     loss: Array | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[Array, ...] | None = None
+    attentions: tuple[Array, ...] | None = None
 
 
 @flax.struct.dataclass
 class SequenceClassifierOutput:
     logits: Array  # (B, L), pooled at the rightmost token that is not padding
     loss: Array | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[Array, ...] | None = None
-
-
-class InputError(ValueError):
-    """Inputs the model cannot run, named in the message."""
+    attentions: tuple[Array, ...] | None = None
 
 
 # ---- building blocks ----------------------------------------------------------------------
@@ -74,8 +80,9 @@ def trunc_normal(std: float, cutoff: float) -> Callable[..., Array]:
     return init
 
 
+# The config validates the names (config.ACTIVATIONS); these are the functions they stand for.
+# transformers' "gelu" is the exact erf form; JAX's default is the tanh approximation.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    # transformers' "gelu" is the exact erf form; JAX's default is the tanh approximation.
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -83,8 +90,6 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-# The config validates names against its own list; both lists must name the same functions.
-assert set(ACTIVATIONS) == set(config_module.ACTIVATIONS), "modeling and config disagree on activations"
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -104,79 +109,17 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
-def make_attention_mask(q_positions: Array, kv_positions: Array, kv_valid: Array, window: int | None) -> Array:
-    """(B, 1, T, S) bool: query i sees key j iff j is valid, j <= i and, on sliding layers,
-    i - j < window. Built from absolute positions, not array indices: a decode step's mask over
-    a cache whose ring slots hold tokens in any order."""
-    q = q_positions[:, None, :, None]
-    k = kv_positions[:, None, None, :]
-    mask = (k <= q) & kv_valid[:, None, None, :]
-    if window is not None:
-        mask &= q - k < window
-    return mask
-
-
 @flax.struct.dataclass
-class DecodeWeights:
-    """Weights laid out for generation, derived from the parameters once per generation (on CPU,
-    once while they stay unchanged; see `ettin_jax.generation`):
-    - `kernel`, the (D, V) vocabulary projection (`ModernBertDecoderForCausalLM.output_kernel`);
-      on CPU a (V, D) operand costs XLA a transposed copy of the whole matrix at every step;
-    - `qkv`, each layer's query, key and value projections as one (D, 3, N, H) kernel, with its
-      (3, N, H) bias or None: one matmul instead of three for each layer of each decode step.
-      None off CPU, where the stack would be a copy of 3/8 of the weights in every program."""
+class LayerInputs:
+    """What a decoder layer needs for one call besides its input and its cache: one value, so
+    that a new path adds a field here instead of a parameter at three levels."""
 
-    kernel: Array
-    qkv: tuple[tuple[Array, Array | None], ...] | None
-
-
-@flax.struct.dataclass
-class LayerCache:
-    """One layer's keys and values for decoding. A global layer holds a slot for every position
-    up to the cache length; a sliding layer holds a ring of `sliding_window` slots, a third of
-    the memory at long context. `positions` is the absolute position of the token in each slot
-    (-1: empty or padding); masks are built from it, never from slot indices.
-
-    Keys and values are stored heads-first, (B, N, S, H): the layout both attention products
-    read directly. A (B, S, N, H) cache costs XLA a transposed copy of it at every step."""
-
-    k: Array  # (B, N, S, H)
-    v: Array  # (B, N, S, H)
-    positions: Array  # (B, S) int32
-
-    @classmethod
-    def empty(cls, batch: int, slots: int, num_heads: int, head_dim: int, dtype: DType) -> LayerCache:
-        shape = (batch, num_heads, slots, head_dim)
-        # Separate buffers: aliased k and v would make XLA copy them to update either in place.
-        return cls(
-            k=constrain(jnp.zeros(shape, dtype), "cache"),
-            v=constrain(jnp.zeros(shape, dtype), "cache"),
-            positions=constrain(jnp.full((batch, slots), -1, jnp.int32), "cache_positions"),
-        )
-
-    def write(self, k: Array, v: Array, positions: Array, index: Array | int) -> LayerCache:
-        """Stores T new tokens (k, v: (B, T, N, H)) that sit at sequence indices
-        index .. index + T - 1: slot index % S, so a ring keeps the newest S tokens."""
-        slots, length = self.k.shape[2], k.shape[1]
-        k, v = k.transpose(0, 2, 1, 3).astype(self.k.dtype), v.transpose(0, 2, 1, 3).astype(self.v.dtype)
-        if length == 1:
-            slot = jnp.asarray(index, jnp.int32) % slots
-            return LayerCache(
-                jax.lax.dynamic_update_slice_in_dim(self.k, k, slot, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(self.v, v, slot, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(self.positions, positions, slot, axis=1),
-            )
-        if length > slots:  # only the newest `slots` tokens survive in a ring
-            k, v, positions = k[:, :, -slots:], v[:, :, -slots:], positions[:, -slots:]
-            index, length = index + length - slots, slots
-        where = (index + jnp.arange(length)) % slots
-        return LayerCache(
-            self.k.at[:, :, where].set(k), self.v.at[:, :, where].set(v), self.positions.at[:, where].set(positions)
-        )
-
-    def mask(self, q_positions: Array, window: int | None) -> Array:
-        """(B, 1, T, S): what queries at `q_positions` (B, T) may see in this cache."""
-        return make_attention_mask(q_positions, self.positions, self.positions >= 0, window)
+    cos: Array  # (B, T, H) float32, the RoPE table of this layer's kind
+    sin: Array  # (B, T, H)
+    mask: MaskSpec  # sequence indices, padding and segments of the T new tokens
+    rows: Array | None = None  # (B, Q): output only the tokens at these sequence indices
+    deterministic: bool = flax.struct.field(pytree_node=False, default=True)
+    output_attentions: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
@@ -248,84 +191,51 @@ class Attention(nnx.Module):
         self.out_drop = _dropout(c.attention_dropout, make.rngs)
         self.impl = c.attention_impl  # static; `set_attention_impl` changes it
 
-    def fused_qkv(self) -> tuple[Array, Array | None]:
-        """The q, k and v projections stacked: kernel (D, 3, N, H) and bias (3, N, H) or None.
-        Stacked on a new axis, so that each keeps its heads axis (and that axis's sharding)."""
-        shape = (self.num_heads, self.head_dim)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        kernel = jnp.stack([p.kernel[...].reshape(-1, *shape) for p in projections], axis=1)
-        if self.q_proj.bias is None:
-            return kernel, None
-        return kernel, jnp.stack([p.bias[...].reshape(shape) for p in projections])
-
-    def qkv(
-        self,
-        x: Array,
-        cos: Array,
-        sin: Array,
-        rows: Array | None = None,
-        fused: tuple[Array, Array | None] | None = None,
-    ) -> tuple[Array, Array, Array]:
-        """x (B, T, D) -> q, k, v (B, T, N, H), with RoPE applied to q and k. With `rows` (B, Q),
-        queries only for the tokens at those sequence indices: q (B, Q, N, H). With `fused`
-        (from `fused_qkv`, ignored with `rows`), one matmul computes all three."""
-
-        def project(proj: nnx.Linear, x: Array) -> Array:
-            return constrain(proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim), "heads")
-
-        if fused is not None and rows is None:
-            kernel, bias = fused
-            dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear computes
-            qkv = jnp.einsum("BTD,DKNH->BTKNH", x.astype(dtype), kernel.astype(dtype))
-            if bias is not None:
-                qkv = qkv + bias.astype(dtype)
-            q, k, v = (constrain(qkv[:, :, i], "heads") for i in range(3))
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-        k, v = project(self.k_proj, x), project(self.v_proj, x)
-        if rows is None:
-            q = apply_rope(project(self.q_proj, x), cos, sin)
-        else:
-            q = apply_rope(project(self.q_proj, take_rows(x, rows)), take_rows(cos, rows), take_rows(sin, rows))
-        return q, apply_rope(k, cos, sin), v
+    def _heads(self, proj: nnx.Linear, x: Array) -> Array:  # (B, T, D) -> (B, T, N, H)
+        return constrain(proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim), "heads")
 
     def __call__(
-        self,
-        x: Array,
-        cos: Array,
-        sin: Array,
-        mask: MaskSpec | None,
-        deterministic: bool,
-        cache: LayerCache | None = None,
-        positions: Array | None = None,
-        index: Array | int = 0,
-        rows: Array | None = None,
-        fused: tuple[Array, Array | None] | None = None,
-    ) -> tuple[Array, LayerCache | None]:
-        """Without a cache: attention over x itself under the `MaskSpec`, by this layer's backend;
-        with `rows` (B, Q), the output (B, Q, D) of the tokens at those sequence indices only.
-        With a cache, the new keys are stored at sequence `index`. Several tokens (a prefill into
-        an empty cache, with a `MaskSpec`) attend over themselves by this layer's backend; a single
-        token (mask None) attends over the cache."""
-        q, k, v = self.qkv(x, cos, sin, rows, fused)
-        if cache is not None:
-            cache = cache.write(k, v, positions, index)
-        if isinstance(mask, MaskSpec):
-            if rows is None:
-                out = attend(q, k, v, mask, self.window, self.impl, self.attn_drop, deterministic)
+        self, x: Array, inputs: LayerInputs, cache: LayerCache | None, start: Array | None
+    ) -> tuple[Array, LayerCache | None, Array | None]:
+        """x (B, T, D) -> (B, T, D), or (B, Q, D) with `inputs.rows`; the cache with the new keys
+        stored; the probabilities (B, N, T, S) with `inputs.output_attentions`, else None.
+
+        Without past tokens (no cache, or one with no slots yet), attention over x itself by this
+        layer's backend. With past tokens, a single token is stored first and attends over the
+        cache; several attend over the cache and themselves, then are stored. `start`: the
+        first new token's sequence index (the cache's length)."""
+        rows, mask = inputs.rows, inputs.mask
+        cos, sin = inputs.cos, inputs.sin
+        k, v = apply_rope(self._heads(self.k_proj, x), cos, sin), self._heads(self.v_proj, x)
+        if rows is not None:  # queries only for the selected tokens; every token stays a key
+            x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)
+        q = apply_rope(self._heads(self.q_proj, x), cos, sin)
+        q_index = mask.index if rows is None else take_rows(mask.index, rows)
+        stored = jnp.where(mask.valid, mask.index, -1)  # padding is never a key
+        drop, deterministic = self.attn_drop, inputs.deterministic
+        if cache is None or cache.slots == 0:
+            if inputs.output_attentions and self.impl not in ("auto", "xla"):
+                raise AttentionError(
+                    f'attention_impl "{self.impl}" cannot return attention probabilities; use "xla" or "auto"'
+                )
+            if rows is not None or inputs.output_attentions:  # dense: O(Q * T), any backend
+                out, probs = xla_attention(q, k, v, mask, self.window, drop, deterministic, rows)
             else:
-                out = xla_attention(q, k, v, mask, self.window, self.attn_drop, deterministic, rows)  # every backend
-            out = self.Wo(out.reshape(*q.shape[:2], -1))
-            return _drop(self.out_drop, out, deterministic), cache
-        if cache is None:
-            raise ValueError("attention without a MaskSpec needs a cache to decode against")
-        # A decode step: the new token attends over the cache, heads-first (B, N, S, H).
-        mask = cache.mask(positions, self.window)
-        out = softmax_attend(
-            q, cache.k, cache.v, mask, self.attn_drop, deterministic, "BTNH,BNSH->BNTS|BNTS,BNSH->BTNH"
-        )
-        out = self.Wo(out.reshape(*x.shape[:2], -1))
-        return _drop(self.out_drop, out, deterministic), cache
+                out, probs = attend(q, k, v, mask, self.window, self.impl, drop, deterministic), None
+            if cache is not None:
+                cache = cache.update(k, v, stored, start, self.window)
+        elif x.shape[1] == 1:
+            cache = cache.update(k, v, stored, start, self.window)
+            out, probs = cached_attention(q, cache.k, cache.v, q_index, cache.index, self.window, drop, deterministic)
+        else:
+            heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+            keys = jnp.concatenate([cache.k, heads_first(k).astype(cache.k.dtype)], axis=2)  # (B, N, S + T, H)
+            values = jnp.concatenate([cache.v, heads_first(v).astype(cache.v.dtype)], axis=2)
+            index = jnp.concatenate([cache.index, stored], axis=1)
+            out, probs = cached_attention(q, keys, values, q_index, index, self.window, drop, deterministic)
+            cache = cache.update(k, v, stored, start, self.window)
+        out = _drop(self.out_drop, self.Wo(out.reshape(*q.shape[:2], -1)), deterministic)
+        return out, cache, probs if inputs.output_attentions else None
 
 
 class MLP(nnx.Module):
@@ -353,28 +263,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(make)
 
     def __call__(
-        self,
-        x: Array,
-        cos: Array,
-        sin: Array,
-        mask: MaskSpec | None,
-        deterministic: bool,
-        cache: LayerCache | None = None,
-        positions: Array | None = None,
-        index: Array | int = 0,
-        rows: Array | None = None,
-        fused: tuple[Array, Array | None] | None = None,
-    ) -> tuple[Array, LayerCache | None]:
-        """x (B, T, D) -> (B, T, D); with `rows` (B, Q), the output of the tokens at those
-        sequence indices only, (B, Q, D), every token still a key and value of the attention.
-        `fused`: this layer's `Attention.fused_qkv()`, for generation."""
+        self, x: Array, inputs: LayerInputs, cache: LayerCache | None, start: Array | None
+    ) -> tuple[Array, LayerCache | None, Array | None]:
+        """x (B, T, D) -> (B, T, D), or with `inputs.rows` (B, Q) the tokens at those sequence
+        indices only, (B, Q, D); the updated cache and the attention probabilities."""
         x = gradient_fence(x)  # the identity; see its docstring
         h = x if self.attn_norm is None else self.attn_norm(x)
-        attn, cache = self.attn(h, cos, sin, mask, deterministic, cache, positions, index, rows, fused)
-        if rows is not None:
-            x = take_rows(x, rows)
+        attn, cache, probs = self.attn(h, inputs, cache, start)
+        if inputs.rows is not None:
+            x = take_rows(x, inputs.rows)
         x = gradient_fence(x + attn)
-        return constrain(x + self.mlp(self.mlp_norm(x), deterministic), "hidden"), cache
+        return constrain(x + self.mlp(self.mlp_norm(x), inputs.deterministic), "hidden"), cache, probs
 
 
 class PredictionHead(nnx.Module):
@@ -391,8 +290,7 @@ class PredictionHead(nnx.Module):
 
 
 class PretrainedMixin:
-    """`from_pretrained` / `save_pretrained`, as in transformers. The work is in
-    `ettin_jax.convert`, which imports this module, so it is imported at call time."""
+    """`from_pretrained` / `save_pretrained`, as in transformers; the work is in `ettin_jax.convert`."""
 
     config: ModernBertDecoderConfig
 
@@ -411,9 +309,7 @@ class PretrainedMixin:
         a Hub repo id, or a directory written by `save_pretrained(format="flax")`.
         Keyword arguments such as `num_labels`, `problem_type` or `id2label` override the config.
         With a `mesh` (`ettin_jax.sharding.make_mesh`), params are sharded over it as they load."""
-        from ettin_jax.convert import load_pretrained
-
-        return load_pretrained(
+        return convert.load_pretrained(
             cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision, mesh=mesh,
             **config_overrides,
         )  # fmt: skip
@@ -421,9 +317,7 @@ class PretrainedMixin:
     def save_pretrained(self, directory: str | os.PathLike, format: str = "transformers") -> None:
         """`format="transformers"`: config.json + model.safetensors that transformers loads.
         `format="flax"`: config.json + an orbax checkpoint of the params."""
-        from ettin_jax.convert import save_pretrained
-
-        save_pretrained(self, directory, format=format)
+        convert.save_pretrained(self, directory, format=format)
 
     def set_attention_impl(self, impl: str) -> None:
         """Switches every layer to the attention backend `impl` (see `ettin_jax.attention`),
@@ -465,102 +359,83 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         input_ids: Array | None = None,
         attention_mask: Array | None = None,
         position_ids: Array | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: Array | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
         output_hidden_states: bool = False,
         deterministic: bool = True,
         segment_ids: Array | None = None,
         *,
         rows: Array | None = None,
     ) -> BaseModelOutput:
-        """`segment_ids` (B, T), ints >= 0, packs several sequences in a row: a token attends
-        only to tokens of its own segment (give each its own position_ids, from 0).
+        """As transformers' forward. With `past_key_values` (a `Cache` from an earlier call's
+        output) the new tokens continue those sequences: their sequence indices and default
+        positions start at the cache's length, and `attention_mask` may cover the cached tokens
+        too (its last T columns are the new tokens'). `use_cache=True` returns the cache.
+
+        `segment_ids` (B, T), ints >= 0, packs several sequences in a row: a token attends only
+        to tokens of its own segment (give each its own position_ids, from 0).
 
         `rows` (B, Q) sequence indices: `last_hidden_state` (B, Q, D) holds the tokens at those
         indices only, and the last layer computes queries, attention output and MLP for them
-        alone (a classifier pools one token per row). Not with `output_hidden_states`."""
+        alone (a classifier pools one token per row; the causal LM's `logits_to_keep`). Not with
+        `output_hidden_states`."""
         c = self.config
+        past = past_key_values
+        past_length = 0 if past is None else concrete(past.length)
         input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
-            c, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids
-        )
+            c, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids,
+            past_length=None if past_length is None else int(past_length),
+        )  # fmt: skip
         if rows is not None and output_hidden_states:
             raise InputError("rows and output_hidden_states exclude each other: hidden states need every token")
+        if segment_ids is not None and (past is not None or use_cache):
+            raise InputError("segment_ids (packed sequences) cannot be combined with a KV cache")
         h = self.embeddings(input_ids, inputs_embeds, deterministic)  # (B, T, D)
         batch, length = h.shape[:2]
-        index = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if past is None and use_cache:  # a cache with no slots yet: each layer adds its own
+            empty = LayerCache.empty(batch, 0, c.num_attention_heads, c.head_dim, h.dtype)
+            past = Cache((empty,) * c.num_hidden_layers, jnp.zeros((), jnp.int32))
+        start = None if past is None else past.length
+        index = jnp.broadcast_to(jnp.arange(length), (batch, length))  # (B, T) sequence indices
+        if start is not None:
+            index = index + start
         if position_ids is None:
             position_ids = index
-        valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        # As in transformers, masks come from token indices and RoPE from position_ids. Each
-        # layer builds its own mask from this, as its backend needs it.
+        valid = jnp.ones((batch, length), bool)
+        if attention_mask is not None:
+            valid = jnp.asarray(attention_mask)[:, -length:].astype(bool)
+        # As in transformers, masks come from sequence indices and RoPE from position_ids. Each
+        # layer builds its own mask from the spec, as its backend needs it.
         spec = MaskSpec(index=index, valid=valid, segment_ids=segment_ids)
-        ropes = {
+        tables = {
             "full_attention": rope_tables(position_ids, c.head_dim, c.global_rope_theta),
             "sliding_attention": rope_tables(position_ids, c.head_dim, c.local_rope_theta),
         }
 
-        def run(layer: DecoderLayer, h: Array, cos: Array, sin: Array, mask: MaskSpec, rows: Array | None) -> Array:
-            return layer(h, cos, sin, mask, deterministic, rows=rows)[0]
+        def run(layer: DecoderLayer, h: Array, inputs: LayerInputs, cache: LayerCache | None) -> tuple:
+            return layer(h, inputs, cache, start)
 
         if self.remat:
             run = nnx.remat(run)
-        hidden = [h]
+        hidden, attentions, caches = [h], [], []
         last = len(self.layers) - 1
         for i, (kind, layer) in enumerate(zip(c.layer_types, self.layers, strict=True)):
-            h = run(layer, h, *ropes[kind], spec, rows if i == last else None)
+            inputs = LayerInputs(
+                *tables[kind], spec, rows if i == last else None, deterministic, output_attentions
+            )  # fmt: skip
+            h, cache, probs = run(layer, h, inputs, None if past is None else past.layers[i])
             hidden.append(h)
+            attentions.append(probs)
+            caches.append(cache)
         h = self.final_norm(h)
         return BaseModelOutput(
             last_hidden_state=h,
+            past_key_values=None if past is None else Cache(tuple(caches), past.length + length),
             hidden_states=(*hidden[:-1], h) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
-
-    def init_cache(self, batch: int, length: int, dtype: DType | None = None) -> tuple[LayerCache, ...]:
-        """Empty caches: `length` slots for global layers, `sliding_window` for sliding ones."""
-        c = self.config
-        dtype = dtype or self.embeddings.tok_embeddings.dtype
-        slots = {"full_attention": length, "sliding_attention": min(length, c.sliding_window)}
-        return tuple(
-            LayerCache.empty(batch, slots[kind], c.num_attention_heads, c.head_dim, dtype) for kind in c.layer_types
-        )
-
-    def forward_cached(
-        self,
-        input_ids: Array,
-        positions: Array,
-        caches: tuple[LayerCache, ...],
-        index: Array | int,
-        last_only: bool = False,
-        qkv: tuple[tuple[Array, Array | None], ...] | None = None,
-    ) -> tuple[Array, tuple[LayerCache, ...]]:
-        """The incremental forward pass for generation. input_ids (B, T) sit at sequence
-        indices index .. index + T - 1 of a left-padded batch; `positions` (B, T) are their
-        positions, -1 for padding. T > 1 is a prefill into empty caches; T == 1 a decode step.
-        Returns final hidden states (B, T, D), or with `last_only` those of the last column alone,
-        (B, 1, D), whose last layer then runs its queries and MLP on that column only (every
-        token is still cached); and the updated caches. `qkv`: `DecodeWeights.qkv`, optional."""
-        c = self.config
-        h = self.embeddings(input_ids, None, True)
-        rope_positions = jnp.maximum(positions, 0)
-        spec, rows = None, None
-        if last_only:
-            rows = jnp.full((input_ids.shape[0], 1), input_ids.shape[1] - 1, jnp.int32)
-        if input_ids.shape[1] > 1:
-            # A prefill runs each layer's attention backend, as a forward pass does: masks from
-            # column indices, as in transformers; with left padding a row's real tokens are
-            # contiguous, so columns and positions differ by a per-row constant.
-            batch, length = input_ids.shape
-            spec = MaskSpec(index=jnp.broadcast_to(jnp.arange(length), (batch, length)), valid=positions >= 0)
-        ropes = {
-            "full_attention": rope_tables(rope_positions, c.head_dim, c.global_rope_theta),
-            "sliding_attention": rope_tables(rope_positions, c.head_dim, c.local_rope_theta),
-        }
-        new_caches = []
-        last = len(self.layers) - 1
-        for i, (kind, layer, cache) in enumerate(zip(c.layer_types, self.layers, caches, strict=True)):
-            fused = None if qkv is None else qkv[i]
-            h, cache = layer(h, *ropes[kind], spec, True, cache, positions, index, rows if i == last else None, fused)
-            new_caches.append(cache)
-        return self.final_norm(h), tuple(new_caches)
 
 
 class LMDecoder(nnx.Module):
@@ -585,7 +460,12 @@ class LMDecoder(nnx.Module):
         return constrain(logits, "logits")
 
 
-class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
+def _last_rows(batch: int, length: int, keep: int) -> Array:
+    """(B, keep) sequence indices of the last `keep` tokens of each row."""
+    return jnp.broadcast_to(jnp.arange(length - keep, length, dtype=jnp.int32), (batch, keep))
+
+
+class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin, GenerationMixin):
     def __init__(
         self,
         config: ModernBertDecoderConfig,
@@ -601,18 +481,6 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
         self.lm_head = PredictionHead(make)
         self.decoder = LMDecoder(make)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> np.ndarray:
-        """Sampling with transformers' semantics; see `ettin_jax.generation.generate`."""
-        from ettin_jax.generation import generate  # generation imports this module
-
-        return generate(self, input_ids, attention_mask, **kwargs)
-
-    def generate_stream(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
-        """Yields each step's new tokens; see `ettin_jax.generation.generate_stream`."""
-        from ettin_jax.generation import generate_stream
-
-        return generate_stream(self, input_ids, attention_mask, **kwargs)
-
     def output_kernel(self) -> Array:
         """The (D, V) vocabulary projection: the decoder's own kernel, or the transposed
         embedding when tied. Generation takes it once, before its decode loop: on CPU a
@@ -620,11 +488,6 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
         if self.decoder.kernel is not None:
             return self.decoder.kernel[...]
         return self.model.embeddings.tok_embeddings.embedding[...].T
-
-    def decode_weights(self, fuse_qkv: bool = True) -> DecodeWeights:
-        """The weights generation uses, laid out for its decode loop; see `DecodeWeights`."""
-        qkv = tuple(layer.attn.fused_qkv() for layer in self.model.layers) if fuse_qkv else None
-        return DecodeWeights(kernel=self.output_kernel(), qkv=qkv)
 
     def logits(self, hidden: Array, kernel: Array | None = None) -> Array:
         """(B, T, D) final hidden states -> (B, T, V) logits."""
@@ -635,18 +498,34 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin):
         input_ids: Array | None = None,
         attention_mask: Array | None = None,
         position_ids: Array | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: Array | None = None,
         labels: Array | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
         deterministic: bool = True,
         segment_ids: Array | None = None,
     ) -> CausalLMOutput:
+        """As transformers' forward; see `ModernBertDecoderModel.__call__`. `logits_to_keep` > 0:
+        logits for the last that many tokens only, whose last layer then computes queries and
+        MLP for them alone (0: every token)."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise InputError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
+        shape = np.shape(input_ids if input_ids is not None else inputs_embeds)
+        keep = min(logits_to_keep, shape[1]) if logits_to_keep and len(shape) >= 2 else 0
+        rows = _last_rows(shape[0], shape[1], keep) if keep and not output_hidden_states else None
         out = self.model(
-            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic, segment_ids
-        )
-        logits = self.logits(out.last_hidden_state)
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_attentions,
+            output_hidden_states, deterministic, segment_ids, rows=rows,
+        )  # fmt: skip
+        hidden = out.last_hidden_state
+        if keep and rows is None:
+            hidden = hidden[:, -keep:]
+        logits = self.logits(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+        return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states, out.attentions)
 
 
 class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
@@ -671,14 +550,19 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
         input_ids: Array | None = None,
         attention_mask: Array | None = None,
         position_ids: Array | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: Array | None = None,
         labels: Array | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
         output_hidden_states: bool = False,
         deterministic: bool = True,
         segment_ids: Array | None = None,
     ) -> SequenceClassifierOutput:
+        """As transformers' forward: logits pooled at each row's rightmost token that is not
+        `pad_token_id` (right for left and right padding alike)."""
         input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
-            self.config, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids
+            self.config, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids, past_length=None
         )
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         pad = self.config.pad_token_id
@@ -687,162 +571,15 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
         if input_ids is None or pad is None:
             last = jnp.full((batch,), length - 1)
         else:
-            # The rightmost token that is not padding: right for left and right padding alike.
             last = jnp.argmax(jnp.arange(length) * (input_ids != pad), axis=-1)
         # The head runs on every position in transformers; only the pooled one is needed, so
-        # without hidden states to return, the last layer computes that token alone.
-        rows = None if output_hidden_states else last[:, None]
+        # unless every token's state is asked for, the last layer computes that token alone.
+        rows = None if output_hidden_states or output_attentions else last[:, None]
         out = self.model(
-            input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states, deterministic, segment_ids,
-            rows=rows,
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_attentions,
+            output_hidden_states, deterministic, segment_ids, rows=rows,
         )  # fmt: skip
         h = out.last_hidden_state if rows is not None else take_rows(out.last_hidden_state, last[:, None])
         pooled = self.classifier(_drop(self.drop, self.head(h), deterministic))[:, 0]  # (B, L)
         loss = None if labels is None else classification_loss(self.config, pooled, labels)
-        return SequenceClassifierOutput(logits=pooled, loss=loss, hidden_states=out.hidden_states)
-
-
-# ---- losses -------------------------------------------------------------------------------
-IGNORE_INDEX = -100
-
-
-def causal_lm_loss(logits: Array, labels: Array) -> Array:
-    """Next-token cross-entropy, mean over labels that are not -100, as transformers computes it:
-    position t predicts labels[t + 1]. With every label ignored the loss is 0 (PyTorch: NaN)."""
-    labels = _as_array(labels)
-    if labels.shape != logits.shape[:2] or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise InputError(
-            f"labels must be integers of shape {tuple(logits.shape[:2])} like input_ids, "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
-    _check_label_range(labels, logits.shape[-1], "token id")
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
-    return jnp.sum(losses * keep) / jnp.maximum(jnp.sum(keep), 1)
-
-
-def _check_label_range(labels: Array, limit: int, what: str) -> None:
-    values = _concrete(labels)
-    if values is not None:
-        bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= limit))
-        if bad.any():
-            raise InputError(f"label {values[bad][0]} is not a valid {what} in [0, {limit}) (nor -100, ignored)")
-
-
-def problem_type(config: ModernBertDecoderConfig, labels: Array) -> str:
-    """config.problem_type, or transformers' guess from num_labels and the labels' dtype."""
-    if config.problem_type is not None:
-        return config.problem_type
-    if config.num_labels == 1:
-        return "regression"
-    if jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-        return "single_label_classification"
-    return "multi_label_classification"
-
-
-def classification_loss(config: ModernBertDecoderConfig, logits: Array, labels: Array) -> Array:
-    """MSE, cross-entropy (labels -100 ignored) or BCE-with-logits by problem type; logits (B, L)."""
-    labels = _as_array(labels)
-    logits = logits.astype(jnp.float32)
-    batch, num_labels = logits.shape
-    kind = problem_type(config, labels)
-    if kind == "regression":
-        expected = {(batch,), (batch, 1)} if num_labels == 1 else {(batch, num_labels)}
-        _check_label_shape(labels, expected, kind)
-        return jnp.mean((logits.reshape(-1) - labels.reshape(-1).astype(jnp.float32)) ** 2)
-    if kind == "single_label_classification":
-        _check_label_shape(labels, {(batch,), (batch, 1)}, kind)
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise InputError(f"{kind} needs integer labels, got {labels.dtype}")
-        _check_label_range(labels, num_labels, "class")
-        labels = labels.reshape(-1)
-        keep = labels != IGNORE_INDEX
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-        return jnp.sum(losses * keep) / jnp.maximum(jnp.sum(keep), 1)  # all ignored: 0 (PyTorch: NaN)
-    _check_label_shape(labels, {(batch, num_labels)}, kind)
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
-
-
-def _check_label_shape(labels: Array, expected: set[tuple[int, ...]], kind: str) -> None:
-    if tuple(labels.shape) not in expected:
-        raise InputError(
-            f"{kind} labels must have shape {' or '.join(str(e) for e in sorted(expected))}, got {tuple(labels.shape)}"
-        )
-
-
-# ---- input checks -------------------------------------------------------------------------
-def _as_array(x: Any) -> Array:
-    """Lists and numpy arrays become jax arrays; jax arrays and tracers pass through."""
-    return x if isinstance(x, jax.Array) else jnp.asarray(np.asarray(x))
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """x as a numpy array, or None under jit where its values are not known."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def check_inputs(
-    config: ModernBertDecoderConfig,
-    input_ids: Any,
-    attention_mask: Any,
-    position_ids: Any,
-    inputs_embeds: Any,
-    segment_ids: Any = None,
-) -> tuple[Array | None, ...]:
-    """Clear errors for inputs that would otherwise fail deep inside JAX or give wrong numbers.
-    Returns the inputs as arrays."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise InputError("pass exactly one of input_ids and inputs_embeds")
-    input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = (
-        None if x is None else _as_array(x)
-        for x in (input_ids, attention_mask, position_ids, inputs_embeds, segment_ids)
-    )
-    if input_ids is not None:
-        if jnp.ndim(input_ids) != 2:
-            raise InputError(f"input_ids must have shape (batch, length), got {jnp.shape(input_ids)}")
-        if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
-            raise InputError(f"input_ids must be integers, got {jnp.result_type(input_ids)}")
-        shape = tuple(jnp.shape(input_ids))
-        ids = _concrete(input_ids)
-        if ids is not None and ids.size:
-            bad = (ids < 0) | (ids >= config.vocab_size)
-            if bad.any():
-                row, col = np.argwhere(bad)[0]
-                raise InputError(
-                    f"input_ids[{row}, {col}] = {ids[row, col]} is outside the vocabulary "
-                    f"[0, {config.vocab_size}) (vocab_size {config.vocab_size})"
-                )
-    else:
-        if jnp.ndim(inputs_embeds) != 3 or jnp.shape(inputs_embeds)[-1] != config.hidden_size:
-            raise InputError(
-                f"inputs_embeds must have shape (batch, length, {config.hidden_size}), got {jnp.shape(inputs_embeds)}"
-            )
-        shape = tuple(jnp.shape(inputs_embeds))[:2]
-    if shape[1] == 0:
-        raise InputError("the input sequence is empty (length 0)")
-    if shape[1] > config.max_position_embeddings:
-        raise InputError(
-            f"sequence length {shape[1]} is longer than max_position_embeddings ({config.max_position_embeddings})"
-        )
-    for name, value in (
-        ("attention_mask", attention_mask),
-        ("position_ids", position_ids),
-        ("segment_ids", segment_ids),
-    ):
-        if value is not None and tuple(jnp.shape(value)) != shape:
-            raise InputError(f"{name} has shape {tuple(jnp.shape(value))}; expected {shape} like the inputs")
-    if position_ids is not None:
-        pos = _concrete(position_ids)
-        if pos is not None and (pos.min() < 0 or pos.max() >= config.max_position_embeddings):
-            raise InputError(
-                f"position_ids must lie in [0, {config.max_position_embeddings}) "
-                f"(max_position_embeddings), got values from {pos.min()} to {pos.max()}"
-            )
-    if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise InputError(f"segment_ids must be integers, got {segment_ids.dtype}")
-    return input_ids, attention_mask, position_ids, inputs_embeds, segment_ids
+        return SequenceClassifierOutput(pooled, loss, out.past_key_values, out.hidden_states, out.attentions)

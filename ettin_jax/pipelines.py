@@ -17,13 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ettin_jax import compilation
-from ettin_jax.generation import bucket
-from ettin_jax.modeling import (
-    ModernBertDecoderForCausalLM,
-    ModernBertDecoderForSequenceClassification,
-    check_inputs,
-)
+from ettin_jax import compilation, convert, default_model
+from ettin_jax.inputs import check_inputs
+from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
+from ettin_jax.padding import left_pad, with_bos
 
 TASKS = ("text-generation", "text-classification")
 
@@ -35,10 +32,6 @@ def _load_tokenizer(directory: str) -> Any:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # transformers raises several types for a missing tokenizer
         raise OSError(f"no tokenizer could be loaded from {directory}: {e}") from e
-
-
-def with_bos(ids: list[int], bos: int | None) -> list[int]:
-    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
 
 class TextGenerationPipeline:
@@ -128,12 +121,8 @@ class TextClassificationPipeline:
         any length reuse a few compiled programs."""
         config = self.model.config
         rows = [with_bos(self.tokenizer(t)["input_ids"], self.bos) for t in texts]
-        longest = max(map(len, rows))
-        width = min(bucket(longest), max(longest, config.max_position_embeddings))
-        ids = np.full((bucket(len(rows), 1), width), self.pad, np.int32)
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        padded = left_pad(rows, self.pad, max_width=config.max_position_embeddings)
+        ids, mask = padded.ids, padded.mask.astype(np.int32)
         ids[len(rows) :], mask[len(rows) :] = ids[0], mask[0]  # filler rows, dropped below
         check_inputs(config, ids, mask, None, None)  # token ids and length, which jit cannot check
         sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
@@ -167,10 +156,7 @@ def pipeline(
         raise ValueError(f"unknown task {task!r}; ettin-jax pipelines: {', '.join(TASKS)}")
     cls = ModernBertDecoderForCausalLM if task == "text-generation" else ModernBertDecoderForSequenceClassification
     if model is None or isinstance(model, (str, os.PathLike)):
-        from ettin_jax import default_model
-        from ettin_jax.convert import resolve
-
-        directory = default_model.path() if model is None else resolve(model, kwargs.pop("revision", None))
+        directory = default_model.path() if model is None else convert.resolve(model, kwargs.pop("revision", None))
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(directory)
         model = cls.from_pretrained(directory, dtype=dtype, param_dtype=dtype, **kwargs)
     elif not isinstance(model, cls):

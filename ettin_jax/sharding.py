@@ -26,7 +26,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ettin_jax.errors import EttinError
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -69,7 +72,7 @@ ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(EttinError, ValueError):
     """A mesh or a sharding that cannot work, named in the message."""
 
 
@@ -285,8 +288,6 @@ def check_config(config: Any, mesh: Mesh) -> None:
 
 def shard_model(model: Any, mesh: Mesh) -> Any:
     """Places every param of an NNX model on `mesh` by `PARAM_AXES` (in place; returns it)."""
-    from flax import nnx
-
     check_config(model.config, mesh)
     state = nnx.state(model)
     shardings = state_shardings(state, mesh)
