@@ -110,7 +110,7 @@ def test_auto_follows_the_platform_of_the_mesh_being_compiled_for():
     """Compiling for a TPU topology on a CPU host (benchmarks/tpu_aot.py), `auto` resolves by
     the mesh's devices, not by the host: splash, and the kernel compiled, not interpreted."""
     from ettin_jax import sharding
-    from ettin_jax.attention import compile_platform
+    from ettin_jax.platforms import compile_platform
 
     try:
         from jax._src.mesh import AbstractDevice  # what the mesh of a TPU topology carries

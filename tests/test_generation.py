@@ -13,7 +13,9 @@ from helpers import TINY, random_ids
 
 import ettin_jax as ej
 from ettin_jax import generation, sampling
+from ettin_jax.cache import init_cache
 from ettin_jax.generation import GenerationError
+from ettin_jax.padding import left_pad
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +94,21 @@ def test_prefill_runs_each_backend(pair, impl, monkeypatch):
     original = getattr(attention, backend)
     monkeypatch.setattr(attention, backend, lambda *a, **k: calls.append(1) or original(*a, **k))
     prompts = [PROMPT_LONG + PROMPT_MID + PROMPT_LONG, PROMPT_SHORT, PROMPT_MID]
-    batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
-    ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.valid)
-    weights = model.decode_weights()
+    batch = left_pad(prompts, pad_id=0, batch_bucket=False)
+    ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
     results = {}
     for name in ("xla", impl):
         model.set_attention_impl(name)
-        results[name] = generation._prefill(model, ids, valid, 64, weights)
+        results[name] = generation._prefill(model, ids, valid, 64, model.output_kernel())
         results[name + " tokens"] = model.generate(prompts, max_new_tokens=8, eos_token_id=[])
     model.set_attention_impl("auto")
     assert calls, f"the prefill never called {backend}"
-    (ref_logits, ref_positions, ref_caches), (logits, positions, caches) = results["xla"], results[impl]
+    (ref_logits, ref_positions, ref_cache), (logits, positions, cache) = results["xla"], results[impl]
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
     np.testing.assert_array_equal(positions, ref_positions)
-    for ref, got in zip(ref_caches, caches, strict=True):
-        real = np.asarray(ref.positions >= 0)[:, None, :, None]
-        np.testing.assert_array_equal(got.positions, ref.positions)
+    for ref, got in zip(ref_cache.layers, cache.layers, strict=True):
+        real = np.asarray(ref.index >= 0)[:, None, :, None]
+        np.testing.assert_array_equal(got.index, ref.index)
         np.testing.assert_allclose(np.where(real, got.k, 0), np.where(real, ref.k, 0), atol=1e-5)
         np.testing.assert_allclose(np.where(real, got.v, 0), np.where(real, ref.v, 0), atol=1e-5)
     np.testing.assert_array_equal(results[impl + " tokens"], results["xla tokens"])
@@ -130,49 +131,52 @@ def test_cache_logits_equal_full_forward_at_every_step(pair):
     prompts = [PROMPT_LONG, PROMPT_SHORT]
     steps = 12
     full = model.generate(*left_padded(prompts), max_new_tokens=steps, eos_token_id=[])
-    batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
+    batch = left_pad(prompts, pad_id=0, batch_bucket=False)
     width, offset = batch.width, batch.ids.shape[1] - batch.width
     # The model is causal, so one full forward over the final tokens gives, at column t, the
     # logits of a fresh forward over the tokens up to t.
-    valid = np.concatenate([batch.valid[:, offset:], np.ones((2, steps), bool)], axis=1)
+    valid = np.concatenate([batch.mask[:, offset:], np.ones((2, steps), bool)], axis=1)
     expected = np.asarray(model(full, attention_mask=valid).logits)
-    weights = model.decode_weights()
-    logits, positions, caches = generation._prefill(
-        model, jnp.asarray(batch.ids), jnp.asarray(batch.valid), 64, weights
-    )
+    kernel = model.output_kernel()
+    logits, positions, cache = generation._prefill(model, jnp.asarray(batch.ids), jnp.asarray(batch.mask), 64, kernel)
     step_fn = nnx.jit(generation._step)
     for step in range(steps):
         np.testing.assert_allclose(np.asarray(logits), expected[:, width - 1 + step], atol=1e-4, err_msg=f"step {step}")
         token = jnp.asarray(full[:, width + step], jnp.int32)
-        logits, caches = step_fn(model, token, positions, caches, jnp.int32(batch.ids.shape[1] + step), weights)
+        logits, cache = step_fn(model, token, positions, cache, kernel)
         positions = positions + 1
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="decode weights are kept across calls on CPU only")
-def test_kept_decode_weights_follow_the_parameters(pair):
-    """On CPU generation keeps the rearranged projections between calls; a parameter replaced
-    since (as an optimizer step replaces them) must be seen, never a stale copy."""
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the output kernel is kept across calls on CPU only")
+def test_kept_output_kernel_follows_the_parameters(pair):
+    """On CPU generation keeps the transposed vocabulary projection between calls; a parameter
+    replaced since (as an optimizer step replaces them) must be seen, never a stale copy."""
     _, loaded = pair
     model = nnx.merge(*nnx.split(loaded))  # a model of this test's own, with the same weights
     prompts = [PROMPT_LONG, PROMPT_SHORT]
     before = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
-    kept = generation._KEPT_WEIGHTS[model][1]
+    kept = generation._KEPT_KERNELS[model][1]
     assert np.array_equal(model.generate(prompts, max_new_tokens=6, eos_token_id=[]), before)
-    assert generation._KEPT_WEIGHTS[model][1] is kept  # reused, not derived again
-    proj = model.model.layers[1].attn.v_proj
-    proj.kernel[...] = proj.kernel[...] * -30.0  # a new array in the same variable
+    assert generation._KEPT_KERNELS[model][1] is kept  # reused, not derived again
+    table = model.model.embeddings.tok_embeddings
+    table.embedding[...] = table.embedding[...][::-1]  # a new array in the same variable
     after = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
-    assert generation._KEPT_WEIGHTS[model][1] is not kept
+    assert generation._KEPT_KERNELS[model][1] is not kept
     fresh = nnx.merge(*nnx.split(model))  # nothing kept for it: derives from the new weights
     assert np.array_equal(after, fresh.generate(prompts, max_new_tokens=6, eos_token_id=[]))
     assert not np.array_equal(after, before)  # the change mattered, so a stale copy would show
 
 
 def test_sliding_cache_is_a_ring_of_window_slots(pair):
+    """Sliding layers hold a window of slots, in a preallocated cache and in one grown by calls."""
     _, model = pair
-    caches = model.model.init_cache(2, 64)
-    slots = [c.k.shape[2] for c in caches]  # (B, N, S, H)
-    assert slots == [64 if kind == "full_attention" else 4 for kind in model.config.layer_types]
+    window = [kind == "sliding_attention" for kind in model.config.layer_types]
+    preallocated = init_cache(model.config, 2, 64)
+    assert [c.k.shape[2] for c in preallocated.layers] == [4 if w else 64 for w in window]  # (B, N, S, H)
+    grown = model(np.array([PROMPT_LONG]), use_cache=True).past_key_values
+    assert [c.slots for c in grown.layers] == [4 if w else 11 for w in window]
+    grown = model(np.array([PROMPT_SHORT]), past_key_values=grown).past_key_values
+    assert [c.slots for c in grown.layers] == [4 if w else 14 for w in window] and int(grown.length) == 14
 
 
 # ---- sampling filters on hand-made logits ------------------------------------------------
@@ -275,11 +279,11 @@ def test_stream_yields_the_same_tokens(pair):
 def test_buckets_avoid_recompiling(pair):
     _, model = pair
     model.generate([PROMPT_MID], max_new_tokens=10, eos_token_id=[])  # warm the (16, 16) bucket
-    before = generation.TRACE_COUNT["generate"]
+    before = generation._generate_program._cache_size()
     for length, new in [(5, 10), (7, 12), (9, 9), (11, 14)]:
         out = model.generate([random_ids(1, length, seed=length)[0].tolist()], max_new_tokens=new, eos_token_id=[])
         assert out.shape == (1, length + new)
-    assert generation.TRACE_COUNT["generate"] == before
+    assert generation._generate_program._cache_size() == before
 
 
 def test_runs_under_bfloat16(pair, tmp_path):
@@ -287,7 +291,7 @@ def test_runs_under_bfloat16(pair, tmp_path):
     reference.save_pretrained(tmp_path)
     model = ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert model.generate([PROMPT_LONG], max_new_tokens=5).shape == (1, 16)
-    assert model.model.init_cache(1, 8)[0].k.dtype == jnp.bfloat16
+    assert model(np.array([PROMPT_LONG]), use_cache=True).past_key_values.layers[0].k.dtype == jnp.bfloat16
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from helpers import TINY, attention_inputs, random_ids
 
 from ettin_jax import ModernBertDecoderConfig, ModernBertDecoderForCausalLM, generation
 from ettin_jax.attention import AttentionError, attend, resolve
+from ettin_jax.padding import left_pad
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX sees none)")
 
@@ -144,8 +145,8 @@ def test_bfloat16_prefill_runs_cudnn_and_matches_dense():
     accuracy."""
     model = _model(jnp.bfloat16, "xla", max_position_embeddings=512)
     prompts = [random_ids(1, 300, seed=5)[0].tolist(), random_ids(1, 77, seed=6)[0].tolist()]
-    batch = generation.left_pad(prompts, pad_id=0, batch_bucket=False)
-    ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.valid)
+    batch = left_pad(prompts, pad_id=0, batch_bucket=False)
+    ids, valid = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
     runs = {}
     for impl in ("xla", "cudnn"):
         model.set_attention_impl(impl)
@@ -153,14 +154,14 @@ def test_bfloat16_prefill_runs_cudnn_and_matches_dense():
 
         def prefill(state, ids, valid, graphdef=graphdef):
             m = nnx.merge(graphdef, state)
-            return generation._prefill(m, ids, valid, 320, m.decode_weights())
+            return generation._prefill(m, ids, valid, 320, m.output_kernel())
 
         compiled = jax.jit(prefill).lower(state, ids, valid).compile()
         runs[impl] = (compiled(state, ids, valid), "__cudnn$fmha" in compiled.as_text())
-    (ref_logits, _, ref_caches), dense_has_cudnn = runs["xla"]
-    (logits, _, caches), has_cudnn = runs["cudnn"]
+    (ref_logits, _, ref_cache), dense_has_cudnn = runs["xla"]
+    (logits, _, cache), has_cudnn = runs["cudnn"]
     assert has_cudnn and not dense_has_cudnn
     assert _relative(logits, ref_logits, True) < 2e-2
-    for ref, got in zip(ref_caches, caches, strict=True):
-        real = np.asarray(ref.positions >= 0)[:, None, :, None]
+    for ref, got in zip(ref_cache.layers, cache.layers, strict=True):
+        real = np.asarray(ref.index >= 0)[:, None, :, None]
         assert _relative(got.k, ref.k, real) < 2e-2

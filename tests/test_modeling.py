@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ from flax import nnx
 from helpers import TINY, WINDOW, random_ids, to_numpy
 
 import ettin_jax as ej
-from ettin_jax.attention import MaskSpec
-from ettin_jax.modeling import make_attention_mask, rope_tables
+from ettin_jax.attention import AttentionError, MaskSpec, dense_mask
+from ettin_jax.losses import problem_type
+from ettin_jax.modeling import LayerInputs, rope_tables
 
 TOL = 1e-4
 LENGTH = 3 * WINDOW + 5  # longer than twice the sliding window
@@ -127,6 +130,60 @@ def test_rows_are_the_full_run_at_those_tokens(saved, layers):
         model(ids, rows=jnp.asarray(rows), output_hidden_states=True)
 
 
+# ---- transformers' forward signature: cache, attentions, logits_to_keep -------------------------
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_a_cached_call_continues_the_sequence(saved, padding):
+    """A call with `past_key_values` continues the earlier call: prefill, then one token, then
+    several, equal to one full forward and to transformers' own cached calls (sliding layers
+    wrap their ring of slots on the way)."""
+    torch_model, directory = saved("causal")
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids, mask = pad(random_ids(2, LENGTH), padding, amount=3)
+    full = np.asarray(model(ids, attention_mask=mask).logits)
+    cuts = [0, 7, 8, LENGTH]
+    pieces, cache = [], None
+    for a, b in itertools.pairwise(cuts):
+        out = model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
+        pieces.append(np.asarray(out.logits))
+        cache = out.past_key_values
+    assert int(cache.length) == LENGTH
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1)[real], full[real], atol=1e-5)
+    with torch.no_grad():
+        first = torch_model(torch.tensor(ids[:, :8]), attention_mask=torch.tensor(mask[:, :8]), use_cache=True)
+        rest = torch_model(torch.tensor(ids[:, 8:]), attention_mask=torch.tensor(mask), cache=first.cache)
+    np.testing.assert_allclose(pieces[-1], to_numpy(rest.logits), atol=TOL)
+
+
+def test_attentions_match_transformers(saved):
+    torch_model, directory = saved("causal")
+    torch_model.config._attn_implementation = "eager"  # the implementation that returns them
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids, mask = pad(random_ids(2, LENGTH), "right")
+    ref = torch_logits(torch_model, ids, mask, output_attentions=True).attentions
+    got = model(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(got) == len(ref) == model.config.num_hidden_layers
+    for ours, theirs in zip(got, ref, strict=True):
+        assert ours.shape == (2, model.config.num_attention_heads, LENGTH, LENGTH)
+        np.testing.assert_allclose(np.asarray(ours)[1], to_numpy(theirs)[1], atol=1e-5)  # row 1 has no padding
+        np.testing.assert_allclose(np.asarray(ours)[0, :, :-5], to_numpy(theirs)[0, :, :-5], atol=1e-5)
+    model.set_attention_impl("xla_blocked")
+    with pytest.raises(AttentionError, match='"xla_blocked" cannot return attention probabilities'):
+        model(ids, output_attentions=True)
+
+
+def test_logits_to_keep_matches_transformers(saved):
+    torch_model, directory = saved("causal")
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    ids = random_ids(2, LENGTH)
+    expected = to_numpy(torch_logits(torch_model, ids, logits_to_keep=3).logits)
+    got = model(ids, logits_to_keep=3)
+    assert got.logits.shape == (2, 3, model.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(got.logits), expected, atol=TOL)
+    with pytest.raises(ej.InputError, match="logits_to_keep must be an integer >= 0"):
+        model(ids, logits_to_keep=-1)
+
+
 def test_jit_matches_eager(saved):
     _, directory = saved("causal")
     model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
@@ -162,7 +219,8 @@ def test_decoder_layer_matches(pair, layer):
     valid = np.ones((2, LENGTH), bool)
     valid[0, :3] = False
     window = model.config.sliding_window if kind == "sliding_attention" else None
-    mask = make_attention_mask(jnp.asarray(positions), jnp.asarray(positions), jnp.asarray(valid), window)
+    spec = MaskSpec(index=jnp.asarray(positions), valid=jnp.asarray(valid))
+    mask = dense_mask(spec, window)
     theta = model.config.rope_theta(layer)
     cos, sin = rope_tables(jnp.asarray(positions), model.config.head_dim, theta)
     with torch.no_grad():
@@ -171,15 +229,14 @@ def test_decoder_layer_matches(pair, layer):
         np.testing.assert_allclose(np.asarray(cos), to_numpy(tcos), atol=1e-6)
         additive = torch.where(torch.tensor(np.asarray(mask)), 0.0, torch.finfo(torch.float32).min)
         ref = torch_model.model.layers[layer](h, position_embeddings=(tcos, tsin), attention_mask=additive)
-    spec = MaskSpec(index=jnp.asarray(positions), valid=jnp.asarray(valid))  # the same mask, as the layer takes it
-    got, _ = model.model.layers[layer](jnp.asarray(hidden), cos, sin, spec, True)
+    got, _, _ = model.model.layers[layer](jnp.asarray(hidden), LayerInputs(cos, sin, spec), None, None)
     # Row 0's first three queries see no valid key: undefined in both frameworks.
     np.testing.assert_allclose(np.asarray(got)[valid], to_numpy(ref)[valid], atol=1e-5)
 
 
 def test_sliding_window_sees_exactly_window_keys():
     positions = jnp.arange(10)[None]
-    mask = np.asarray(make_attention_mask(positions, positions, jnp.ones((1, 10), bool), 4))[0, 0]
+    mask = np.asarray(dense_mask(MaskSpec(positions, jnp.ones((1, 10), bool)), 4))[0, 0]
     assert mask.sum(-1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     assert mask[9, 6] and not mask[9, 5] and not mask[5, 6]
 
@@ -235,7 +292,7 @@ def test_classifier_problem_type_inferred_like_transformers(saved, num_labels, l
     torch_labels = torch.tensor(labels, dtype=torch.long if labels.dtype == np.int32 else torch.float32)
     ref = torch_logits(torch_model, ids, labels=torch_labels)
     assert torch_model.config.problem_type == inferred
-    assert ej.modeling.problem_type(model.config, labels) == inferred
+    assert problem_type(model.config, labels) == inferred
     assert abs(float(model(ids, labels=labels).loss) - float(ref.loss)) <= 1e-5
 
 
