@@ -6,11 +6,12 @@ Reading: a directory holds one of
   `torch.load(..., weights_only=True)`;
 - ettin-jax flax: `flax_params/`, an orbax checkpoint of the params in our own layout.
 Each becomes a `Checkpoint`: param path -> `Tensor` (its name in the file, its shape in our
-layout, and a function that reads it). The model is built abstractly (`nnx.eval_shape`) and
-filled from it, so no random init is spent on weights the checkpoint provides.
+layout, and a way to read any part of it). The model is built abstractly (`nnx.eval_shape`)
+and filled from it, so no random init is spent on weights the checkpoint provides, and with a
+mesh each process reads only the parts its own devices hold.
 
-Writing: `save_pretrained(model, dir, format="transformers" | "flax")`, every file written
-under a temporary name and renamed into place.
+Writing: `save_pretrained(model, dir, format="transformers" | "flax")`, through
+`ettin_jax.files`, so that a crash never leaves half a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
+import orbax.checkpoint as ocp
+import safetensors
+import safetensors.numpy
 from flax import nnx, traverse_util
 
-from ettin_jax import sharding
+from ettin_jax import distributed, files, sharding
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.convert.keys import Path, to_key, to_path
-from ettin_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsFile, save_file
+from ettin_jax.errors import EttinError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -43,33 +48,43 @@ PYTORCH = "pytorch_model.bin"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
 FLAX_PARAMS = "flax_params"
 CONFIG = "config.json"
+# Every transformers weight file: single, sharded, and their indexes.
+WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+DEFAULT_ARCHITECTURE = "ModernBertDecoderForCausalLM"
 
 # Top-level modules of the task heads; what a checkpoint holds for another head is skipped.
 HEADS = {"ModernBertDecoderForCausalLM": ("lm_head", "decoder"),
          "ModernBertDecoderForSequenceClassification": ("head", "classifier"),
          "ModernBertDecoderModel": ()}  # fmt: skip
 ALL_HEAD_ROOTS = frozenset(root for roots in HEADS.values() for root in roots)
+_MAX_HEADER = 100_000_000  # bytes: the largest header the safetensors library accepts
 
 
 log = logging.getLogger("ettin_jax.convert")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EttinError, ValueError):
     """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors."""
+
+
+class CheckpointFormatError(EttinError, ValueError):
+    """A checkpoint file that is corrupt, truncated or not what it claims to be."""
+
+
+Index = tuple[slice, ...]  # a part of an array, as `jax.make_array_from_callback` asks for it
 
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     name: str  # as the file names it, for messages
     shape: tuple[int, ...]  # in our layout
-    # Returns the array in our layout. For safetensors it is a memory-mapped view: nothing is
-    # read until it is copied, so a slice of it reads only that slice's bytes.
-    read: Callable[[], np.ndarray]
+    nbytes: int  # as stored
+    reader: Callable[[Index], Any]  # index in our layout -> numpy or jax array
 
-
-# Bytes this process has read from checkpoint tensors through sharded loading (tests and the
-# log report it; a host that reads only its own slices reads a fraction of the model).
-LOAD_STATS = {"bytes_read": 0}
+    def read(self, index: Index = ()) -> Any:
+        """The part `index` of the tensor in our layout (all of it by default). Every read of
+        checkpoint data goes through here: from safetensors it reads that part's bytes only."""
+        return self.reader(index)
 
 
 Checkpoint = dict[Path, Tensor]
@@ -92,6 +107,22 @@ def checkpoint_format(directory: str) -> str:
     )
 
 
+def architecture(directory: str) -> str:
+    """The model class that a directory's config.json names in `architectures`, one of the
+    three ettin-jax has (the causal LM when it names none)."""
+    file = os.path.join(directory, CONFIG)
+    with open(file, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointFormatError(f"{file} is not valid JSON ({e})") from None
+    names = data.get("architectures") or [DEFAULT_ARCHITECTURE]
+    for name in names:
+        if name in HEADS:
+            return name
+    raise CheckpointError(f"{file} names architectures {names}; ettin-jax knows {sorted(HEADS)}")
+
+
 def _shard_files(directory: str, single: str, index: str) -> list[str]:
     """The single file when it exists (transformers' order), else the shards of the index."""
     index_path = os.path.join(directory, index)
@@ -102,18 +133,22 @@ def _shard_files(directory: str, single: str, index: str) -> list[str]:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointFormatError(f"{index_path} is not a valid shard index ({e!r})") from None
-    files = sorted(set(weight_map.values()))
-    absent = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+    names = sorted(set(weight_map.values()))
+    absent = [name for name in names if not os.path.isfile(os.path.join(directory, name))]
     if absent:
         raise FileNotFoundError(f"{index_path} lists shard(s) that are not in {directory}: {', '.join(absent)}")
-    return [os.path.join(directory, name) for name in files]
+    return [os.path.join(directory, name) for name in names]
 
 
-def _from_torch_layout(key: str, shape: tuple[int, ...], read: Callable[[], np.ndarray]) -> tuple[Path, Tensor]:
+def _from_torch_layout(
+    key: str, shape: tuple[int, ...], nbytes: int, read: Callable[[Index], Any]
+) -> tuple[Path, Tensor]:
+    """`read` takes an index in the file's layout. A PyTorch (out, in) weight is our (in, out)
+    kernel: its parts are read at the transposed index, then transposed."""
     path, transpose = to_path(key)
     if transpose and len(shape) == 2:
-        return path, Tensor(key, shape[::-1], lambda: read().T)
-    return path, Tensor(key, shape, read)
+        return path, Tensor(key, shape[::-1], nbytes, lambda index: read(index[::-1]).T)
+    return path, Tensor(key, shape, nbytes, read)
 
 
 def read_transformers(directory: str) -> Checkpoint:
@@ -121,26 +156,75 @@ def read_transformers(directory: str) -> Checkpoint:
     checkpoint: Checkpoint = {}
     if checkpoint_format(directory) == "safetensors":
         for file in _shard_files(directory, SAFETENSORS, SAFETENSORS_INDEX):
-            tensors = SafetensorsFile(file)
-            for key in tensors:
-                path, tensor = _from_torch_layout(key, tensors.shape(key), functools.partial(tensors.__getitem__, key))
-                checkpoint[path] = tensor
+            checkpoint.update(_read_safetensors(file))
         return checkpoint
     for file in _shard_files(directory, PYTORCH, PYTORCH_INDEX):
         for key, array in _torch_load(file).items():
-            path, tensor = _from_torch_layout(key, array.shape, functools.partial(_identity, array))
+            path, tensor = _from_torch_layout(key, array.shape, array.nbytes, array.__getitem__)
             checkpoint[path] = tensor
     return checkpoint
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
+def _safetensors_header(file: str) -> dict[str, dict[str, Any]]:
+    """The header of a safetensors file, once it is known to be whole: the library reports a
+    truncated or damaged file without naming the file or the tensor, this names both."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointFormatError(f"{file}: too short to be a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(_MAX_HEADER, size - 8):
+            raise CheckpointFormatError(
+                f"{file}: header length {length} does not fit in a file of {size} bytes "
+                "(truncated or not a safetensors file)"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointFormatError(f"{file}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{file}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFormatError(f"{file}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if end > data_size:
+            raise CheckpointFormatError(
+                f"{file}: tensor {name!r} ends at byte {8 + length + end} but the file has {size} bytes (truncated)"
+            )
+        entry.update(shape=shape, nbytes=end - begin)
+    return header
+
+
+def _read_safetensors(file: str) -> Checkpoint:
+    header = _safetensors_header(file)
+    try:
+        handle = safetensors.safe_open(file, framework="numpy")  # memory-mapped: reads nothing yet
+    except safetensors.SafetensorError as e:
+        raise CheckpointFormatError(f"{file}: {e}") from None
+
+    def read(key: str, index: Index) -> np.ndarray:
+        try:
+            return handle.get_slice(key)[index]
+        except safetensors.SafetensorError as e:
+            raise CheckpointFormatError(f"{file}: tensor {key!r}: {e}") from None
+
+    checkpoint: Checkpoint = {}
+    for key, entry in header.items():
+        path, tensor = _from_torch_layout(key, tuple(entry["shape"]), entry["nbytes"], functools.partial(read, key))
+        checkpoint[path] = tensor
+    return checkpoint
 
 
 def _torch_load(file: str) -> dict[str, np.ndarray]:
     """A PyTorch checkpoint, read with weights_only=True: tensors only, never arbitrary pickles."""
     try:
-        import torch
+        import torch  # optional: only .bin checkpoints need it
     except ImportError:
         raise ImportError(
             f"{file} is a PyTorch checkpoint; reading it needs torch (pip install torch), "
@@ -164,23 +248,50 @@ def _torch_load(file: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_flax(directory: str) -> Checkpoint:
-    """The params of a checkpoint written by `save_pretrained(format="flax")`."""
-    import orbax.checkpoint as ocp
-
+def read_flax(directory: str, mesh: Any = None) -> Checkpoint:
+    """The params of a checkpoint written by `save_pretrained(format="flax")`. Nothing is read
+    until the first tensor is; then orbax restores the whole tree, with a `mesh` into the
+    shardings `ettin_jax.sharding` gives (each process reading only its own devices' parts),
+    without one onto this process's first device."""
     location = os.path.abspath(os.path.join(directory, FLAX_PARAMS))
-    checkpointer = ocp.PyTreeCheckpointer()
     try:
-        metadata = checkpointer.metadata(location).item_metadata
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
-        tree = checkpointer.restore(location, restore_args=as_numpy)
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = traverse_util.flatten_dict(checkpointer.metadata(location).item_metadata.tree)
     except Exception as e:  # orbax raises many types for unreadable directories
         raise CheckpointFormatError(f"{location}: cannot restore the orbax checkpoint ({e})") from None
+    # orbax stores layer indices as strings; our param paths have ints.
+    paths = {raw: tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in raw) for raw in stored}
+
+    @functools.cache
+    def restore() -> dict[Path, jax.Array]:
+        target = {}
+        for raw, meta in stored.items():
+            if mesh is None:
+                where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            else:
+                where = sharding.param_sharding(paths[raw], meta.shape, mesh)
+            target[raw] = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=where)
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                tree = checkpointer.restore(location, traverse_util.unflatten_dict(target))
+        except Exception as e:  # orbax raises many types for damaged checkpoints
+            raise CheckpointFormatError(f"{location}: cannot restore the orbax checkpoint ({e})") from None
+        return {paths[raw]: value for raw, value in traverse_util.flatten_dict(tree).items()}
+
+    def read(path: Path, index: Index) -> jax.Array:
+        array = restore()[path]
+        # A part that a local device holds is taken from it: the other processes' parts are
+        # neither here nor needed.
+        for shard in array.addressable_shards:
+            if shard.index == index:
+                return shard.data
+        return array[index]
+
     checkpoint: Checkpoint = {}
-    for raw_path, value in traverse_util.flatten_dict(tree).items():
-        path = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in raw_path)
-        array = np.asarray(value)
-        checkpoint[path] = Tensor("/".join(map(str, path)), array.shape, functools.partial(_identity, array))
+    for raw, path in paths.items():
+        shape, dtype = tuple(stored[raw].shape), np.dtype(stored[raw].dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        checkpoint[path] = Tensor("/".join(map(str, path)), shape, nbytes, functools.partial(read, path))
     return checkpoint
 
 
@@ -188,14 +299,11 @@ def checkpoint_fingerprint(directory: str) -> str:
     """A digest of a checkpoint's weight files: names, sizes, and their first and last 64 KiB
     (the safetensors header, and tensor bytes from both ends). Cheap at any model size, and
     two different fine-tunes of one shape differ in it."""
-    from ettin_jax.distributed import fingerprint
-
     parts: list[Any] = []
-    weights = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-    for root, _, files in sorted(os.walk(directory)):
-        for name in sorted(files):
+    for root, _, names in sorted(os.walk(directory)):
+        for name in sorted(names):
             rel = os.path.relpath(os.path.join(root, name), directory)
-            if not (weights.match(rel) or rel.startswith(FLAX_PARAMS + os.sep)):
+            if not (WEIGHT_FILE.fullmatch(rel) or rel.startswith(FLAX_PARAMS + os.sep)):
                 continue
             path = os.path.join(root, name)
             size = os.path.getsize(path)
@@ -204,11 +312,13 @@ def checkpoint_fingerprint(directory: str) -> str:
                 f.seek(max(0, size - 65536))
                 tail = f.read()
             parts += [rel, size, head, tail]
-    return fingerprint(*parts)
+    return distributed.fingerprint(*parts)
 
 
-def read_checkpoint(directory: str) -> Checkpoint:
-    return read_flax(directory) if checkpoint_format(directory) == "flax" else read_transformers(directory)
+def read_checkpoint(directory: str, mesh: Any = None) -> Checkpoint:
+    """Every tensor of the checkpoint in `directory`, read lazily; `mesh`: the one the model
+    will be built on, where a format needs it to read only this process's parts."""
+    return read_flax(directory, mesh) if checkpoint_format(directory) == "flax" else read_transformers(directory)
 
 
 # ---- matching a checkpoint to a model -----------------------------------------------------
@@ -291,7 +401,7 @@ def build_model(
     model = nnx.eval_shape(construct)
     state = nnx.state(model)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    params = {p: s for p, s in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     plan = plan_load(cls.__name__, params, checkpoint, config.tie_word_embeddings)
     if plan.skipped and cls.__name__ != "ModernBertDecoderModel":  # the base model drops heads by design
         warnings.warn(
@@ -321,23 +431,22 @@ def build_model(
         )
     items = plan.source.items()
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # only when asked: it is slow to import
 
         items = tqdm(items, desc="loading", unit="tensor")
     if mesh is not None:
         sharding.check_config(config, mesh)
         values = {p: sharding.put(v, sharding.param_sharding(p, np.shape(v), mesh)) for p, v in values.items()}
-        read_before = LOAD_STATS["bytes_read"]
+    read = 0
     for path, tensor in items:
         if mesh is None:
-            array = np.asarray(tensor.read())
-            values[path] = jnp.asarray(array.astype(params[path].dtype, copy=False))
+            values[path] = jnp.asarray(tensor.read().astype(params[path].dtype, copy=False))
         else:
             target = sharding.param_sharding(path, tensor.shape, mesh)
-            values[path] = _read_sharded(tensor, params[path].dtype, target)
+            values[path], nbytes = _read_sharded(tensor, params[path].dtype, target)
+            read += nbytes
     if mesh is not None:
-        total = sum(int(np.prod(t.shape)) * t.read().dtype.itemsize for t in plan.source.values())
-        read = LOAD_STATS["bytes_read"] - read_before
+        total = sum(t.nbytes for t in plan.source.values())
         log.info(
             "process %d read %d of the checkpoint's %d bytes (%.0f%%) for its own devices",
             jax.process_index(), read, total, 100 * read / max(total, 1),
@@ -347,20 +456,23 @@ def build_model(
     return model
 
 
-def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> jax.Array:
-    """A global array with `target` sharding, each process reading only its devices' slices,
-    and each distinct slice once (replicas on several local devices share one read)."""
-    parts: dict[tuple, np.ndarray] = {}
+def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> tuple[jax.Array, int]:
+    """A global array with `target` sharding, and the bytes read for it: each process reads only
+    its devices' slices, and each distinct slice once (replicas on several local devices share
+    one read)."""
+    parts: dict[tuple, Any] = {}
+    read = 0
 
-    def fetch(index: tuple[slice, ...]) -> np.ndarray:
+    def fetch(index: Index) -> Any:
+        nonlocal read
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in parts:
-            source = np.asarray(tensor.read()[index])  # a memory-mapped file reads these bytes only
-            LOAD_STATS["bytes_read"] += source.nbytes
-            parts[key] = source.astype(dtype, copy=False)
+            part = tensor.read(index)
+            read += part.nbytes
+            parts[key] = part.astype(dtype, copy=False)
         return parts[key]
 
-    return jax.make_array_from_callback(tuple(tensor.shape), target, fetch)
+    return jax.make_array_from_callback(tuple(tensor.shape), target, fetch), read
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -375,93 +487,55 @@ def transformers_state_dict(model: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_staging_dir(parent: str, prefix: str) -> str:
-    """A temporary directory beside its destination (so a rename publishes it), with the
-    permissions a plain mkdir would give rather than mkdtemp's 0700."""
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    os.chmod(path, 0o777 & ~_umask())
-    return path
-
-
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) then rename tmp to path, so a crash never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _remove_other_weights(directory: str, keep: str) -> None:
     """After a successful save, weights of another layout would shadow or contradict the new
     ones on the next load (e.g. old shards beside a new model.safetensors): remove them."""
     names = set(os.listdir(directory))
-    stale = {
-        n for n in names if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", n)
-    }
-    stale |= {FLAX_PARAMS} & names
+    stale = {n for n in names if WEIGHT_FILE.fullmatch(n)} | ({FLAX_PARAMS} & names)
     for name in stale - {keep}:
         path = os.path.join(directory, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _save_config(model: Any, directory: str) -> None:
+    dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    model.config.save(directory, type(model).__name__, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+
+
 def save_transformers(model: Any, directory: str, tensors: dict[str, np.ndarray] | None = None) -> None:
     """config.json and model.safetensors. With several processes, all of them gather the params
     and process 0 writes (`tensors`: already gathered ones)."""
-    from ettin_jax import distributed
-
     if tensors is None:
         tensors = transformers_state_dict(model)
-    if not distributed.is_primary():
-        return
+    if distributed.is_primary():
+        write_transformers(model, directory, tensors)
+
+
+def write_transformers(model: Any, directory: str, tensors: dict[str, np.ndarray]) -> None:
+    """config.json and model.safetensors of `tensors` (`transformers_state_dict`), written by this
+    process whichever it is: for files each process keeps for itself."""
     os.makedirs(directory, exist_ok=True)
-    write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
-    write_atomically(os.path.join(directory, SAFETENSORS), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    _save_config(model, directory)
+    files.write_atomically(
+        os.path.join(directory, SAFETENSORS),
+        lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"}),
+    )
     _remove_other_weights(directory, SAFETENSORS)
 
 
-def _save_config(model: Any, file: str) -> None:
-    data = model.config.to_dict()
-    data["architectures"] = [type(model).__name__]
-    dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
-    data["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def save_flax(model: Any, directory: str) -> None:
-    import orbax.checkpoint as ocp
-
+    """config.json and an orbax checkpoint of the params in our layout, `flax_params/`."""
     os.makedirs(directory, exist_ok=True)
-    target = os.path.abspath(os.path.join(directory, FLAX_PARAMS))
-    staging = make_staging_dir(directory, ".tmp-")
+    target = os.path.join(directory, FLAX_PARAMS)
+    staging = files.staging_dir_for(target)
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(staging, FLAX_PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        checkpointer.wait_until_finished()
-        if os.path.exists(target):
-            old = make_staging_dir(directory, ".old-")
-            os.replace(target, os.path.join(old, FLAX_PARAMS))
-            os.replace(os.path.join(staging, FLAX_PARAMS), target)
-            shutil.rmtree(old)
-        else:
-            os.replace(os.path.join(staging, FLAX_PARAMS), target)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(staging, FLAX_PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            checkpointer.wait_until_finished()
+        files.publish(os.path.join(staging, FLAX_PARAMS), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    write_atomically(os.path.join(directory, CONFIG), lambda tmp: _save_config(model, tmp))
+    _save_config(model, directory)
     _remove_other_weights(directory, FLAX_PARAMS)
 
 

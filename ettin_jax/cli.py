@@ -1,13 +1,31 @@
-"""The `ettin-jax` command line. Nothing imports this module; it imports the rest."""
+"""The `ettin-jax` command line: `convert`, `generate`, `run` and `train classify|lm`. Nothing
+imports this module; it imports the rest."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import io
+import json
+import logging
 import os
 import shutil
 import sys
+import time
+import typing
 from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import ettin_jax.train
+from ettin_jax import distributed, files, modeling, sharding
+from ettin_jax.convert import architecture, checkpoint_format, load_pretrained, resolve, save_pretrained
+from ettin_jax.errors import EttinError
+from ettin_jax.pipelines import pipeline
 
 DTYPES = ("float32", "bfloat16")
 # Files besides the weights that make a directory usable on its own (tokenizer, generation).
@@ -17,19 +35,12 @@ _COMPANIONS = (
 )  # fmt: skip
 
 
-class CommandError(Exception):
+class CommandError(EttinError):
     """A user error the command reports in one line."""
 
 
+# ---- convert ------------------------------------------------------------------------------
 def _convert(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from ettin_jax.convert import checkpoint_format, load_pretrained, model_class, resolve, save_pretrained
-    from ettin_jax.convert.checkpoint import make_staging_dir
-
     dst = os.path.abspath(args.dst)
     if os.path.exists(dst) and not args.overwrite:
         raise CommandError(f"{dst} already exists; pass --overwrite to replace it")
@@ -37,13 +48,11 @@ def _convert(args: argparse.Namespace) -> int:
     source_format = checkpoint_format(src)
     target = args.to or ("transformers" if source_format == "flax" else "flax")
     dtype = jnp.dtype(args.dtype)
-    cls = model_class(src)
+    cls = getattr(modeling, architecture(src))
     print(f"reading {src} ({source_format}) as {cls.__name__}", file=sys.stderr)
     model = load_pretrained(cls, src, dtype=dtype, param_dtype=dtype, legacy_rope=args.legacy_rope, progress=True)
 
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    staging = make_staging_dir(parent, f".{os.path.basename(dst)}.tmp-")
+    staging = files.staging_dir_for(dst)
     try:
         save_pretrained(model, staging, format=target)
         for name in _COMPANIONS:
@@ -58,13 +67,7 @@ def _convert(args: argparse.Namespace) -> int:
             np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs, strict=True)
         ):
             raise CommandError(f"verification failed: {staging} does not reload to the converted params")
-        if os.path.exists(dst):
-            old = make_staging_dir(parent, f".{os.path.basename(dst)}.old-")
-            os.replace(dst, os.path.join(old, "previous"))
-            os.replace(staging, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, dst)
+        files.publish(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     c = model.config
@@ -81,6 +84,7 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate and run ---------------------------------------------------------------------
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -90,8 +94,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _read_prompts(path: str) -> list[str]:
-    import json
-
     with open(path, encoding="utf-8") as f:
         if not path.endswith(".jsonl"):
             return [line.rstrip("\n") for line in f if line.strip()]
@@ -110,28 +112,9 @@ def _read_prompts(path: str) -> list[str]:
         return prompts
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    import json
-
-    from ettin_jax.convert.checkpoint import write_atomically
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    write_atomically(path, write)
-
-
 def _generate(args: argparse.Namespace) -> int:
-    import time
-
-    from ettin_jax.pipelines import pipeline
-
     if args.output_file and not args.input_file:
         raise CommandError("--output-file needs --input-file")
-    from ettin_jax import distributed, sharding
-
     mesh = sharding.mesh_from_arg(args.mesh)
     generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
     # Every process runs every batch (each on its own devices' rows); process 0 writes.
@@ -147,13 +130,14 @@ def _generate(args: argparse.Namespace) -> int:
             raise CommandError("no prompt: pass PROMPT arguments, --input-file, or lines on stdin")
     if not args.input_file and len(prompts) == 1 and args.num_return_sequences == 1:
         # One prompt at a terminal: show tokens as they are made.
-        sys.stdout.write(prompts[0])
+        out = sys.stdout if primary else io.StringIO()
+        out.write(prompts[0])
         for piece in generator.stream(prompts[0], **kwargs):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            out.write(piece)
+            out.flush()
+        out.write("\n")
         return 0
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # slow to import; only batch generation shows a bar
 
     # Similar lengths batch together (less padding); results go back in input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -172,7 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not primary:
         return 0
     if args.output_file:
-        _write_jsonl(
+        files.write_jsonl(
             args.output_file,
             [
                 {
@@ -195,10 +179,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
-
-    from ettin_jax.pipelines import pipeline
-
     pipe = pipeline(args.task, model=args.model, dtype=args.dtype)
     for line in sys.stdin:
         text = line.rstrip("\n")
@@ -212,9 +192,105 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ettin_jax import distributed
+# ---- train --------------------------------------------------------------------------------
+def _train_args(args: argparse.Namespace) -> ettin_jax.train.TrainArgs:
+    fields = {f.name for f in dataclasses.fields(ettin_jax.train.TrainArgs)}
+    return ettin_jax.train.TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
 
+
+def _prepare_training(args: argparse.Namespace) -> None:
+    ettin_jax.train.prepare_host(_train_args(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    summary = ettin_jax.train.train(_train_args(args))
+    print(ettin_jax.train.main_summary(summary))
+    return ettin_jax.train.PREEMPTED_EXIT if summary["status"] == "preempted" else 0
+
+
+def _flag_type(annotation: typing.Any) -> typing.Any:
+    """`int | None` -> int: the type of the value a flag gives."""
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)]
+    return kinds[0] if kinds else annotation
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, task: str) -> None:
+    """A flag for every field of the dataclass `cls` that subcommand `task` takes, read from
+    the fields themselves (the metadata is described in `ettin_jax.train.args`): the dataclass
+    is the one list of arguments and defaults."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, typing.Any] = {}
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        if not meta.get("cli", True) or task not in meta.get("tasks", (task,)):
+            continue
+        flag = meta.get("flag", "--" + field.name.replace("_", "-"))
+        options: dict[str, typing.Any] = {"dest": field.name, "help": meta.get("help")}
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        kind = _flag_type(hints[field.name])
+        if kind is bool:
+            options["action"] = "store_false" if field.default else "store_true"
+        else:
+            options.update(type=kind, choices=meta.get("choices"), default=None if required else field.default)
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=True)
+            groups[meta["group"]].add_argument(flag, **options)
+        else:
+            parser.add_argument(flag, required=required, **options)
+
+
+def _add_train(commands: typing.Any) -> None:
+    train = commands.add_parser("train", help="fine-tune a classifier or continue causal-LM training")
+    tasks = train.add_subparsers(dest="task", required=True)
+    classify = tasks.add_parser(
+        "classify",
+        help="sequence classification: single-label, multi-label or regression",
+        description="Fine-tune a sequence classifier. Labels: a class per row (single-label), a list or "
+        "comma-separated labels (multi-label), or a number (regression); the problem type is inferred "
+        "from the training labels unless --problem-type is given.",
+    )
+    lm = tasks.add_parser(
+        "lm", help="causal-LM training on packed blocks of text", description="Continue causal-LM training."
+    )
+    for task, parser in (("classify", classify), ("lm", lm)):
+        add_dataclass_flags(parser, ettin_jax.train.TrainArgs, task)
+        _add_device_flags(parser)
+        parser.set_defaults(run=_train, prepare=_prepare_training)
+
+
+# ---- devices and processes ----------------------------------------------------------------
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """--mesh and the multi-process flags, shared by `generate` and `train`."""
+    group = parser.add_argument_group("devices and processes")
+    group.add_argument(
+        "--mesh",
+        help="device mesh, e.g. data=4,fsdp=2,tensor=1 (the product is the device count of all processes; "
+        "one size may be -1); default: one device",
+    )
+    group.add_argument(
+        "--distributed", action="store_true", help="join the other processes (TPU pods: found automatically)"
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (implies --distributed)")
+    group.add_argument("--num-processes", type=int, help="how many processes take part")
+    group.add_argument("--process-id", type=int, help="this process's index, from 0")
+    group.add_argument(
+        "--distributed-timeout",
+        type=int,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="seconds to wait for the other processes",
+    )
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    """Initializes jax.distributed if the flags ask for it; call before anything else runs JAX."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(x is not None for x in explicit):
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.distributed_timeout)
+
+
+# ---- the parser ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ettin-jax", description="ModernBERT Decoder (Ettin) in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser(
@@ -253,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
     generate.add_argument("--input-file", help='prompts: .txt (one a line) or .jsonl ({"prompt": ...})')
     generate.add_argument("--output-file", help="results as .jsonl (written atomically)")
-    distributed.add_arguments(generate)
+    _add_device_flags(generate)
     generate.set_defaults(run=_generate)
 
     run = commands.add_parser("run", help="a pipeline over stdin, like `transformers run`")
@@ -263,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=DTYPES, default="float32")
     run.set_defaults(run=_run)
 
-    from ettin_jax.train.cli import add_parser as add_train_parser
-
-    add_train_parser(commands)
+    _add_train(commands)
     return parser
 
 
@@ -273,8 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _log_to_stderr() -> Iterator[None]:
     """Our loggers at INFO on stderr while a command runs; other libraries' loggers untouched,
     and ours restored afterwards (main() may run inside another program, or a test)."""
-    import logging
-
     logger = logging.getLogger("ettin_jax")
     saved = logger.level, logger.propagate
     handler = logging.StreamHandler(sys.stderr)
@@ -292,24 +364,14 @@ def _log_to_stderr() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ettin_jax import distributed, sharding
-    from ettin_jax.config import ConfigError
-    from ettin_jax.convert import CheckpointError, CheckpointFormatError
-    from ettin_jax.generation import GenerationError
-    from ettin_jax.modeling import InputError
-    from ettin_jax.train.trainer import DataError, TrainingError
-
     try:
         with _log_to_stderr():
             if hasattr(args, "prepare"):
                 args.prepare(args)  # a command's set-up before anything runs JAX
             if hasattr(args, "distributed"):
-                distributed.from_arguments(args)  # before anything runs JAX
+                _join_processes(args)  # before anything runs JAX
             return args.run(args)
-    except (
-        CommandError, ConfigError, CheckpointError, CheckpointFormatError, GenerationError, InputError,
-        DataError, TrainingError, OSError, distributed.DistributedError, sharding.ShardingError,
-    ) as e:  # fmt: skip
+    except (EttinError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

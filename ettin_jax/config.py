@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ettin_jax import files
 from ettin_jax.errors import EttinError
 
 MODEL_TYPE = "modernbert-decoder"
@@ -254,13 +255,15 @@ class ModernBertDecoderConfig:
             out["training_window"] = True
         return out
 
-    def save(self, directory: str | os.PathLike, architecture: str | None = None) -> None:
+    def save(self, directory: str | os.PathLike, architecture: str | None = None, dtype: str | None = None) -> None:
+        """`directory/config.json`, written atomically; `architecture` names the model class and
+        `dtype` the params' dtype, as transformers records them."""
         data = self.to_dict()
         if architecture:
             data["architectures"] = [architecture]
-        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        if dtype:
+            data["dtype"] = dtype
+        files.write_json(os.path.join(directory, "config.json"), data)
 
     # ---- presets --------------------------------------------------------------------------
     @classmethod

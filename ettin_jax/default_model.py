@@ -15,7 +15,10 @@ import shutil
 import jax.numpy as jnp
 from flax import nnx
 
+from ettin_jax import files
 from ettin_jax.config import ModernBertDecoderConfig
+from ettin_jax.convert import transformers_state_dict, write_transformers
+from ettin_jax.modeling import ModernBertDecoderForCausalLM
 
 NAME = "ettin-jax-default-tiny-v1"
 SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")  # ids 256..260, as named in Ettin's
@@ -56,14 +59,12 @@ def path() -> str:
     target = os.path.join(home(), NAME)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
-    from ettin_jax.convert.checkpoint import make_staging_dir
-    from ettin_jax.modeling import ModernBertDecoderForCausalLM
-
-    os.makedirs(home(), exist_ok=True)
-    staging = make_staging_dir(home(), f".{NAME}.tmp-")
+    staging = files.staging_dir_for(target)
     try:
         model = ModernBertDecoderForCausalLM(config(), dtype=jnp.float32, rngs=nnx.Rngs(0))
-        model.save_pretrained(staging)
+        # Every process builds its own copy (hosts need not share a disk), so this is no
+        # save_pretrained, which only process 0 writes.
+        write_transformers(model, staging, transformers_state_dict(model))
         _tokenizer().save_pretrained(staging)
         try:
             os.replace(staging, target)

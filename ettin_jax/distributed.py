@@ -10,22 +10,25 @@ processes, and each process feeds and reads only its own devices' shards.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
-import os
 import socket
 import time
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from ettin_jax import platforms
+from ettin_jax.errors import EttinError
 
 log = logging.getLogger("ettin_jax.distributed")
 
 DEFAULT_TIMEOUT = 300  # seconds to wait for every process to reach the coordinator
 
 
-class DistributedError(RuntimeError):
+class DistributedError(EttinError, RuntimeError):
     """Processes that cannot start together or that disagree, named in the message."""
 
 
@@ -39,8 +42,6 @@ def initialize(
     """Joins this process to the others. With no arguments on a TPU pod (or a cluster JAX
     detects), JAX finds everything itself; elsewhere give all three. A coordinator that does
     not answer within `timeout` seconds is an error, not a hang."""
-    import jax
-
     explicit = (coordinator, num_processes, process_id)
     if any(x is not None for x in explicit) and any(x is None for x in explicit):
         raise DistributedError("give all of --coordinator, --num-processes and --process-id, or none of them")
@@ -48,13 +49,13 @@ def initialize(
         raise DistributedError(f"--process-id {process_id} is not in [0, {num_processes}) (--num-processes)")
     if coordinator is not None and ":" not in coordinator:
         raise DistributedError(f"--coordinator {coordinator!r} must be HOST:PORT")
-    if _backend_started():
+    if platforms.backend_started():
         raise DistributedError("jax.distributed must be initialized before JAX runs anything; call it first")
     if coordinator is not None and process_id != 0:
         # JAX aborts the whole process (SIGABRT and a stack dump) when the coordinator never
         # answers; probe it first so that the failure is a message instead.
         _wait_for(coordinator, timeout, process_id)
-    if _cpu_only():
+    if platforms.will_run_on_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
@@ -99,22 +100,6 @@ def _wait_for(coordinator: str, timeout: float, process_id: int) -> None:
         time.sleep(0.5)
 
 
-def _backend_started() -> bool:
-    from jax._src import xla_bridge
-
-    return bool(getattr(xla_bridge, "_backends", None))
-
-
-def _cpu_only() -> bool:
-    platforms = os.environ.get("JAX_PLATFORMS", "") or ""
-    if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    import importlib.util
-
-    # Without a GPU or TPU plugin installed, JAX runs on CPU.
-    return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
-
-
 def fingerprint(*parts: Any) -> str:
     """A short hex digest of strings and bytes."""
     digest = hashlib.sha256()
@@ -127,12 +112,8 @@ def fingerprint(*parts: Any) -> str:
 def agree(what: str, digest: str) -> None:
     """Raises a `DistributedError` naming the processes whose `digest` of `what` differs from
     process 0's. Every process must call it (it is a collective); a no-op in one process."""
-    import jax
-
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
     differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
@@ -145,43 +126,10 @@ def agree(what: str, digest: str) -> None:
 
 def barrier(name: str) -> None:
     """Waits until every process gets here (no-op in one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def is_primary() -> bool:
     """True in the process that writes shared files (process 0)."""
-    import jax
-
     return jax.process_index() == 0
-
-
-# ---- the command line ---------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--mesh and the multi-process flags, shared by `generate` and `train`."""
-    group = parser.add_argument_group("devices and processes")
-    group.add_argument(
-        "--mesh",
-        help="device mesh, e.g. data=4,fsdp=2,tensor=1 (the product is the device count of all processes; "
-        "one size may be -1); default: one device",
-    )
-    group.add_argument(
-        "--distributed", action="store_true", help="join the other processes (TPU pods: found automatically)"
-    )
-    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (implies --distributed)")
-    group.add_argument("--num-processes", type=int, help="how many processes take part")
-    group.add_argument("--process-id", type=int, help="this process's index, from 0")
-    group.add_argument(
-        "--distributed-timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds to wait for the other processes"
-    )
-
-
-def from_arguments(args: argparse.Namespace) -> None:
-    """Initializes jax.distributed if the flags ask for it; call before anything else runs JAX."""
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if args.distributed or any(x is not None for x in explicit):
-        initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.distributed_timeout)

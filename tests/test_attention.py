@@ -99,7 +99,7 @@ def test_chunked_causal_global_attention_matches_dense():
         return jnp.sum(jnp.where(real, fn(q, k, v), 0.0) ** 2)
 
     chunked = lambda q, k, v: chunked_causal_attention(q, k, v, spec, chunk=16)  # noqa: E731
-    dense = lambda q, k, v: xla_attention(q, k, v, spec, None)  # noqa: E731
+    dense = lambda q, k, v: xla_attention(q, k, v, spec, None)[0]  # noqa: E731
     np.testing.assert_allclose(np.where(real, chunked(q, k, v), 0), np.where(real, dense(q, k, v), 0), atol=2e-6)
     grads = jax.grad(loss, argnums=(1, 2, 3))(chunked, q, k, v)
     for g, r in zip(grads, jax.grad(loss, argnums=(1, 2, 3))(dense, q, k, v), strict=True):

@@ -1,7 +1,10 @@
-"""`ettin-jax convert`: formats, dtype, atomic writes, verification and errors."""
+"""The `ettin-jax` command line: convert (formats, dtype, atomic writes, verification, errors),
+generate, run, and the train flags generated from `TrainArgs`."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -13,9 +16,10 @@ import pytest
 import torch
 import transformers
 from helpers import random_ids, to_numpy
+from safetensors import safe_open
 
-from ettin_jax.cli import main
-from ettin_jax.convert.safetensors_io import SafetensorsFile
+from ettin_jax import distributed
+from ettin_jax.cli import add_dataclass_flags, main
 
 
 @pytest.fixture
@@ -48,9 +52,10 @@ def test_bfloat16_target(work, saved, capsys):
     assert main(["convert", directory, str(work / "bf16"), "--to", "transformers", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "ModernBertDecoderForSequenceClassification" in out and "bfloat16" in out
-    tensors = SafetensorsFile(work / "bf16" / "model.safetensors")
-    assert {tensors.dtype(k).name for k in tensors} == {"bfloat16"}
-    assert "classifier.weight" in tensors
+    with safe_open(work / "bf16" / "model.safetensors", framework="numpy") as tensors:
+        keys = tensors.keys()
+        assert {tensors.get_slice(k).get_dtype() for k in keys} == {"BF16"}
+        assert "classifier.weight" in keys
     loaded = transformers.ModernBertDecoderForSequenceClassification.from_pretrained(work / "bf16")
     assert loaded.config.num_labels == 3
 
@@ -115,6 +120,12 @@ def test_generate_one_prompt_streams_to_stdout(default_home, capsys):
     assert out.startswith("Hello") and out.endswith("\n")
 
 
+def test_generate_streams_from_the_primary_process_only(default_home, capsys, monkeypatch):
+    monkeypatch.setattr(distributed, "is_primary", lambda: False)
+    assert main(["generate", "Hello", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_generate_reads_stdin(default_home):
     result = run_cli(["generate", "--max-new-tokens", "4"], stdin="first\nsecond line\n")
     assert result.returncode == 0, result.stderr
@@ -174,3 +185,68 @@ def test_run_text_generation_and_classification(default_home):
 def test_run_unknown_task(default_home):
     result = run_cli(["run", "--task", "summarization"])
     assert result.returncode == 2 and "invalid choice: 'summarization'" in result.stderr
+
+
+# ---- train flags --------------------------------------------------------------------------
+@dataclasses.dataclass(kw_only=True)
+class Args:
+    """A stand-in for TrainArgs, one field of each kind the flag generator reads."""
+
+    task: str = dataclasses.field(default="a", metadata={"cli": False})
+    data: str = dataclasses.field(metadata={"help": "required"})
+    epochs: int | None = dataclasses.field(default=None, metadata={"group": "length"})
+    steps: int | None = dataclasses.field(default=None, metadata={"group": "length"})
+    rate: float = 0.5
+    kind: str = dataclasses.field(default="x", metadata={"choices": ("x", "y")})
+    only_b: int = dataclasses.field(default=3, metadata={"tasks": ("b",)})
+    remat: bool = False
+    progress: bool = dataclasses.field(default=True, metadata={"flag": "--no-progress"})
+
+
+def parse(task: str, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Args, task)
+    return parser.parse_args(argv)
+
+
+def test_flags_come_from_the_dataclass():
+    args = parse("b", ["--data", "d", "--steps", "4", "--rate", "0.25", "--kind", "y", "--only-b", "5", "--remat",
+                       "--no-progress"])  # fmt: skip
+    assert Args(**vars(args)) == Args(data="d", steps=4, rate=0.25, kind="y", only_b=5, remat=True, progress=False)
+    assert Args(**vars(parse("a", ["--data", "d", "--epochs", "2"]))) == Args(data="d", epochs=2)
+    assert "task" not in vars(parse("a", ["--data", "d", "--epochs", "2"]))
+
+
+@pytest.mark.parametrize(
+    ("task", "argv"),
+    [
+        ("a", ["--epochs", "1"]),  # --data is required
+        ("a", ["--data", "d"]),  # one of --epochs and --steps is required
+        ("a", ["--data", "d", "--epochs", "1", "--steps", "1"]),  # but not both
+        ("a", ["--data", "d", "--epochs", "1", "--only-b", "1"]),  # a flag of the other task
+        ("a", ["--data", "d", "--epochs", "1", "--kind", "z"]),
+        ("a", ["--data", "d", "--epochs", "one"]),
+    ],
+)
+def test_flag_usage_errors(task, argv):
+    with pytest.raises(SystemExit):
+        parse(task, argv)
+
+
+@pytest.mark.parametrize(("task", "has", "lacks"), [("classify", "--max-length", "--block-size"),
+                                                    ("lm", "--block-size", "--max-length")])  # fmt: skip
+def test_train_help_lists_the_train_args(capsys, task, has, lacks):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", task, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (has, "--train-file", "--max-grad-norm", "--no-progress", "--release-host-memory", "--mesh"):
+        assert flag in out
+    assert lacks not in out and "--task" not in out
+
+
+def test_train_arguments_are_checked_before_training(tmp_path, capsys):
+    argv = ["train", "lm", "--train-file", "x.csv", "--output-dir", str(tmp_path / "run"), "--epochs", "0"]
+    assert main(argv) == 2
+    assert "error: --epochs must be >= 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")

@@ -16,7 +16,7 @@ import pytest
 from helpers import torch_model
 from textdata import FILLER, FIRST, LAST, word_tokenizer, write_rows, xor_rows
 
-from ettin_jax.train.trainer import TrainArgs, train
+from ettin_jax.train import TrainArgs, train
 
 TIMEOUT = 300
 

@@ -2,44 +2,51 @@
 
 Epoch e of a run with seed s visits the examples in the permutation drawn from (s, e), so the
 data position is two integers, (epoch, index of the next batch), saved in every checkpoint:
-a resumed run reads exactly the batches the uninterrupted run would have. Rows are padded to a
-few length buckets (powers of two up to the maximum length), so a run compiles its step once per
-bucket rather than once per length.
+a resumed run reads exactly the batches the uninterrupted run would have. Rows are padded to
+length buckets (`ettin_jax.padding`), so a run compiles its step once per bucket rather than once
+per length.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ettin_jax.modeling import IGNORE_INDEX
-from ettin_jax.pipelines import with_bos
+from ettin_jax import padding
+from ettin_jax.errors import EttinError
+from ettin_jax.losses import IGNORE_INDEX
 
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
-MIN_BUCKET = 16
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
-class DataError(ValueError):
+class DataError(EttinError, ValueError):
     """A data file or column that cannot be used as asked; the message names it."""
 
 
 # ---- reading ------------------------------------------------------------------------------
 def read_table(path: str | os.PathLike) -> dict[str, list[Any]]:
-    """Columns of a .csv, .jsonl (or .json lines) or .parquet file, as lists."""
+    """Columns of a .csv, .jsonl (or .json lines) or .parquet file, as lists. CSV cells are
+    strings, JSON and Parquet values keep their types; a missing value is None (see `column`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)  # a short row's missing cells are None
+            rows = list(reader)
+        for number, row in enumerate(rows, 1):
+            if None in row:
+                raise DataError(f"row {number} of {path} has more cells than the header has columns")
     elif ext in (".jsonl", ".json"):
         rows = []
         with open(path, encoding="utf-8") as f:
@@ -62,37 +69,83 @@ def read_table(path: str | os.PathLike) -> dict[str, list[Any]]:
         raise DataError(f"cannot read {path}: expected a .csv, .jsonl or .parquet file")
     if not rows:
         raise DataError(f"data file {path} has no rows")
-    columns: dict[str, list[Any]] = {name: [] for name in rows[0]}
-    for number, row in enumerate(rows, 1):
-        for name in columns:
-            if name not in row:
-                raise DataError(f"{path} row {number} has no {name!r} field")
-            columns[name].append(row[name])
-    return columns
+    names = dict.fromkeys(name for row in rows for name in row)  # every row's keys, in order
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def column(table: dict[str, list[Any]], name: str, path: str) -> list[Any]:
+    """The column `name`; a row without a value in it is an error that names the row."""
     if name not in table:
         raise DataError(f"column {name!r} is not in {path}; its columns are {sorted(table)}")
-    return table[name]
+    values = table[name]
+    for row, value in enumerate(values, 1):
+        if value is None:
+            raise DataError(f"row {row} of {path} has no value in column {name!r}")
+    return values
 
 
 # ---- labels -------------------------------------------------------------------------------
-def _label_list(value: Any) -> list[str]:
-    """A multi-label cell: a list, a JSON list, or a comma-separated string."""
+def read_labels(values: Sequence[Any], path: str, column_name: str) -> list[Any]:
+    """A label column with its types restored, whatever the file format: a number as int or
+    float (float for the whole column when any number in it is not whole), a JSON or Python list
+    as a list of str, anything else as str (comma-separated labels stay one string until
+    the multi-label reading splits them). An empty cell and a NaN or infinite number are errors that name
+    the row."""
+    out = [_read_label(v, row, path, column_name) for row, v in enumerate(values, 1)]
+    if all(_is_number(v) for v in out):
+        whole = all(float(v).is_integer() for v in out)
+        return [int(v) if whole else float(v) for v in out]
+    return out
+
+
+def _read_label(value: Any, row: int, path: str, column_name: str) -> Any:
+    where = f"in row {row} of {path} (column {column_name!r})"
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
+    if _is_number(value):
+        if not math.isfinite(value):
+            raise DataError(f"label {value!r} {where} is not a finite number")
+        return value
     text = str(value).strip()
+    if not text:
+        raise DataError(f"row {row} of {path} has no value in column {column_name!r}")
     if text.startswith("["):
-        return [str(v) for v in json.loads(text)]
-    return [part.strip() for part in text.split(",") if part.strip()]
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:  # pandas writes lists as Python literals: ['a', 'b']
+            try:
+                parsed = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                parsed = None
+        if not isinstance(parsed, list):
+            raise DataError(f"label {text!r} {where} starts with '[' but is not a list")
+        return [str(v) for v in parsed]
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        raise DataError(f"label {text!r} {where} is not a finite number")
+    return int(text) if _INTEGER.fullmatch(text) else number
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _label_list(value: Any) -> list[str]:
+    """A multi-label row's labels: a list, comma-separated labels, or one label."""
+    if isinstance(value, list):
+        return value
+    return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
 def infer_problem_type(values: Sequence[Any]) -> str:
-    """Lists: multi-label; non-integral numbers: regression; anything else: single-label."""
-    if any(isinstance(v, (list, tuple)) for v in values):
+    """For labels from `read_labels`: lists or comma-separated labels: multi-label; numbers not
+    all whole (floats): regression; anything else (whole numbers, names): single-label."""
+    if any(isinstance(v, list) or (isinstance(v, str) and "," in v) for v in values):
         return "multi_label_classification"
-    if all(isinstance(v, float) for v in values) and any(not float(v).is_integer() for v in values):
+    if all(isinstance(v, float) for v in values):
         return "regression"
     return "single_label_classification"
 
@@ -101,10 +154,11 @@ def label_names(values: Sequence[Any], problem_type: str) -> tuple[str, ...]:
     """The sorted label set of a training column (numerically when every label is an integer)."""
     if problem_type == "regression":
         return ("LABEL_0",)
-    names = (
-        {n for v in values for n in _label_list(v)} if problem_type.startswith("multi") else {str(v) for v in values}
-    )
-    if all(n.lstrip("-").isdigit() for n in names):
+    if problem_type == "multi_label_classification":
+        names = {n for v in values for n in _label_list(v)}
+    else:
+        names = {str(v) for v in values}
+    if all(_INTEGER.fullmatch(n) for n in names):
         return tuple(sorted(names, key=int))
     return tuple(sorted(names))
 
@@ -112,7 +166,8 @@ def label_names(values: Sequence[Any], problem_type: str) -> tuple[str, ...]:
 def encode_labels(
     values: Sequence[Any], problem_type: str, names: Sequence[str], path: str, column_name: str
 ) -> np.ndarray:
-    """(N,) class indices, (N, L) multi-hot floats, or (N,) floats for regression."""
+    """Labels from `read_labels` as (N,) class indices, (N, L) multi-hot floats, or (N,) floats
+    for regression."""
     index = {n: i for i, n in enumerate(names)}
 
     def lookup(name: str, row: int) -> int:
@@ -124,6 +179,12 @@ def encode_labels(
         return index[name]
 
     if problem_type == "single_label_classification":
+        for i, v in enumerate(values):
+            if isinstance(v, list):
+                raise DataError(
+                    f"label {v!r} in row {i + 1} of {path} (column {column_name!r}) is a list; "
+                    "single_label_classification takes one label per row"
+                )
         return np.array([lookup(str(v), i) for i, v in enumerate(values)], np.int32)
     if problem_type == "multi_label_classification":
         hot = np.zeros((len(values), len(names)), np.float32)
@@ -131,15 +192,10 @@ def encode_labels(
             for name in _label_list(v):
                 hot[i, lookup(name, i)] = 1.0
         return hot
-    out = np.empty(len(values), np.float32)
     for i, v in enumerate(values):
-        try:
-            out[i] = float(v)
-        except (TypeError, ValueError):
-            raise DataError(f"regression label {v!r} in row {i + 1} of {path} is not a number") from None
-        if not math.isfinite(out[i]):
-            raise DataError(f"regression label {v!r} in row {i + 1} of {path} is not finite")
-    return out
+        if not _is_number(v):
+            raise DataError(f"regression label {v!r} in row {i + 1} of {path} (column {column_name!r}) is not a number")
+    return np.asarray(values, np.float32)
 
 
 # ---- tokenizing ---------------------------------------------------------------------------
@@ -166,7 +222,7 @@ def tokenize_pairs(
     encoded = tokenizer(texts, pairs)["input_ids"] if pairs else tokenizer(texts)["input_ids"]
     out, truncated = [], 0
     for ids in encoded:
-        ids = with_bos(list(ids), bos)
+        ids = padding.with_bos(ids, bos)
         if len(ids) > max_length:
             truncated += 1
             ids = ids[:max_length]
@@ -180,7 +236,7 @@ def pack_blocks(tokenizer: Any, texts: Sequence[str], block_size: int, bos: int 
     encoded = tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
     stream: list[int] = []
     for ids in encoded:
-        stream.extend(with_bos(list(ids), bos))
+        stream.extend(padding.with_bos(ids, bos))
         if eos is not None:
             stream.append(eos)
     blocks = len(stream) // block_size
@@ -190,19 +246,6 @@ def pack_blocks(tokenizer: Any, texts: Sequence[str], block_size: int, bos: int 
 
 
 # ---- batching -----------------------------------------------------------------------------
-def buckets(max_length: int) -> tuple[int, ...]:
-    """Padded lengths: powers of two from MIN_BUCKET, then max_length itself."""
-    out, n = [], MIN_BUCKET
-    while n < max_length:
-        out.append(n)
-        n *= 2
-    return (*out, max_length)
-
-
-def bucket(length: int, sizes: Sequence[int]) -> int:
-    return next(s for s in sizes if s >= length)
-
-
 class Batches:
     """Fixed-size batches of `micro_batch` rows x `grad_accum` micro-batches, stacked (K, B, T).
 
@@ -227,7 +270,7 @@ class Batches:
             raise DataError(f"batch size and gradient accumulation must be >= 1, got {micro_batch} and {grad_accum}")
         self.examples, self.micro_batch, self.grad_accum = examples, micro_batch, grad_accum
         self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
-        self.sizes = buckets(max_length)
+        self.max_length = max_length
         rows = micro_batch * grad_accum
         if shuffle and len(examples) < rows:
             raise DataError(
@@ -247,7 +290,7 @@ class Batches:
         order = self.order(epoch) if order is None else order
         chosen = order[index * self.rows : (index + 1) * self.rows]
         ids = [self.examples.ids[i] for i in chosen]
-        length = bucket(max(len(r) for r in ids), self.sizes)
+        length = padding.bucket(max(len(r) for r in ids), maximum=self.max_length)
         input_ids = np.full((self.rows, length), self.pad_id, np.int32)
         mask = np.zeros((self.rows, length), np.int32)
         for r, row in enumerate(ids):

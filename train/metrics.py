@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+from ettin_jax.config import PROBLEM_TYPES
+from ettin_jax.files import write_atomically
+
 LOWER_IS_BETTER = ("loss", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "exact_match", "pearson", "f1")  # "f1": any name that contains it
 EVAL_PREFIX = "eval_"
@@ -131,7 +131,7 @@ def classification_metrics(
     """
     logits, labels = np.asarray(logits), np.asarray(labels)
     if problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}")
+        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {', '.join(PROBLEM_TYPES)}")
     if logits.ndim == 0 or logits.shape[0] == 0:
         raise ValueError(f"{problem_type}: no examples to evaluate (logits shape {logits.shape})")
     if problem_type == "single_label_classification":
@@ -208,7 +208,7 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_metrics(records: list[dict], path: str) -> None:
-    """Write a PNG of training loss and eval metrics against step, atomically (temp file, then os.replace).
+    """Write a PNG of training loss and eval metrics against step, atomically.
 
     Left panel: training "loss" and "eval_loss"; right panel (only if there are any): every other "eval_*" metric.
     """
@@ -250,16 +250,6 @@ def plot_metrics(records: list[dict], path: str) -> None:
             ax.legend()
         fig.tight_layout()
 
-        directory = os.path.dirname(os.path.abspath(path))
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".plot-", suffix=".png", delete=False) as tmp:
-            tmp_path = tmp.name
-        try:
-            fig.savefig(tmp_path, format="png")
-            os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates 0600
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            raise
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)

@@ -23,10 +23,11 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ettin_jax import compilation, sharding
-from ettin_jax.modeling import IGNORE_INDEX
+from ettin_jax.config import ConfigError
+from ettin_jax.losses import row_losses
+from ettin_jax.modeling import ModernBertDecoderForCausalLM
 
 Array = jax.Array
-TASKS = ("causal_lm", "single_label_classification", "multi_label_classification", "regression")
 
 
 @struct.dataclass
@@ -67,13 +68,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: An
 
 def task_of(model: nnx.Module) -> str:
     """'causal_lm' for the LM, the config's problem type for a classifier."""
-    from ettin_jax.modeling import ModernBertDecoderForCausalLM
-
     if isinstance(model, ModernBertDecoderForCausalLM):
         return "causal_lm"
     kind = model.config.problem_type
     if kind is None:
-        raise ValueError("the classifier's config has no problem_type; set it before training")
+        raise ConfigError("the classifier's config has no problem_type; set it before training")
     return kind
 
 
@@ -100,31 +99,6 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed
         tx=tx,
         task=task_of(model),
     )
-
-
-# ---- losses as (sum, count) per row ---------------------------------------------------------
-def row_losses(task: str, logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Per-row loss sums and item counts, both (B,), in float32. The mean loss of a batch is
-    sum(sums) / sum(counts), which is transformers' loss for every task."""
-    logits = logits.astype(jnp.float32)
-    if task == "causal_lm":  # logits (B, T, V), labels (B, T); position t predicts t + 1
-        # The labels move left rather than the logits: slicing (B, T, V) logits would cost a
-        # copy forward and a padded copy of their gradient backward.
-        targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-        keep = targets != IGNORE_INDEX
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
-        return jnp.sum(ce * keep, axis=1), jnp.sum(keep, axis=1).astype(jnp.float32)
-    if task == "single_label_classification":  # logits (B, L), labels (B,)
-        keep = labels != IGNORE_INDEX
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, labels, 0))
-        return ce * keep, keep.astype(jnp.float32)
-    if task == "multi_label_classification":  # logits (B, L), labels (B, L) in {0, 1}
-        bce = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
-        return jnp.sum(bce, axis=1), jnp.full(bce.shape[:1], bce.shape[1], jnp.float32)
-    if task == "regression":  # logits (B, L), labels (B, L) or (B,)
-        err = (logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).astype(jnp.float32)) ** 2
-        return jnp.sum(err, axis=1), jnp.full(err.shape[:1], err.shape[1], jnp.float32)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 def _forward(model: nnx.Module, batch: dict[str, Array], deterministic: bool) -> Array:

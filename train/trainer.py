@@ -25,97 +25,46 @@ import shutil
 import signal
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ettin_jax.train.data import PROBLEM_TYPES, Batches, DataError, Examples
+from ettin_jax import compilation, default_model, distributed, platforms, sharding
+from ettin_jax.config import ModernBertDecoderConfig
+from ettin_jax.convert import load_pretrained, resolve, save_transformers, transformers_state_dict
+from ettin_jax.files import publish, staging_dir_for, write_json, write_jsonl
+from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
+from ettin_jax.train import data, metrics, steps
+from ettin_jax.train.args import TrainArgs, TrainingError
+from ettin_jax.train.data import Batches, Examples
+from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 log = logging.getLogger("ettin_jax.train")
 
-# Arguments that may differ between a run and its resumption; every other one must match.
-# A run may resume on another mesh or number of processes (orbax restores to the new
-# shardings), and from a directory that was moved or copied.
-_MAY_CHANGE_ON_RESUME = {
-    "resume", "overwrite", "progress", "save_steps", "eval_steps", "log_steps", "save_total_limit", "mesh",
-    "output_dir",
-}  # fmt: skip
 PREEMPTED_EXIT = 143  # 128 + SIGTERM
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on; the message says why and what was kept."""
-
-
-@dataclasses.dataclass
-class TrainArgs:
-    task: str  # "classify" or "lm"
-    model: str | None  # a directory or Hub id; None: the embedded default model
-    train_file: str
-    output_dir: str
-    eval_file: str | None = None
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    problem_type: str | None = None
-    epochs: int | None = None
-    max_steps: int | None = None
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    learning_rate: float = 5e-5
-    schedule: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = 1
-    seed: int = 0
-    save_steps: int = 500
-    eval_steps: int | None = None
-    save_total_limit: int = 2
-    metric_for_best: str = "eval_loss"
-    max_length: int = 512
-    block_size: int = 512
-    dtype: str = "float32"
-    remat: bool = False
-    log_steps: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: one device
-
-    def __post_init__(self) -> None:
-        if self.task not in ("classify", "lm"):
-            raise TrainingError(f"task must be 'classify' or 'lm', got {self.task!r}")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise TrainingError(f"--problem-type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
-        if (self.epochs is None) == (self.max_steps is None):
-            raise TrainingError("give exactly one of --epochs and --max-steps")
-        for name in ("epochs", "max_steps", "batch_size", "grad_accum", "save_steps", "max_length", "block_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainingError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise TrainingError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.resume and self.overwrite:
-            raise TrainingError("--resume and --overwrite contradict each other; pass one")
-
-    def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _MAY_CHANGE_ON_RESUME}
+def prepare_host(args: TrainArgs) -> None:
+    """Call before anything starts JAX (`jax.distributed.initialize` included), as the train
+    command does: when JAX will run on CPU, unless `release_host_memory`, glibc's malloc keeps
+    the memory it frees (`compilation.keep_host_memory`). Never called by `train`: it changes
+    the whole process."""
+    if not args.release_host_memory and platforms.will_run_on_cpu():
+        compilation.keep_host_memory()
 
 
 # ---- the output directory -----------------------------------------------------------------
 def prepare_output_dir(args: TrainArgs) -> bool:
     """Creates or checks the output directory; True when there is a run to resume. With several
     processes, each checks, then process 0 alone writes."""
-    from ettin_jax import distributed
-
     resuming = _check_output_dir(args)
     distributed.barrier("output-dir-checked")
     if distributed.is_primary() and not resuming:
         if args.overwrite and os.path.isdir(args.output_dir):
             shutil.rmtree(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
-        _write_json(os.path.join(args.output_dir, "run.json"), args.identity())
+        write_json(os.path.join(args.output_dir, "run.json"), args.identity())
     distributed.barrier("output-dir-ready")
     return resuming
 
@@ -147,17 +96,6 @@ def _check_output_dir(args: TrainArgs) -> bool:
     return False
 
 
-def _write_json(path: str, data: Any) -> None:
-    from ettin_jax.convert.checkpoint import write_atomically
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    write_atomically(path, write)
-
-
 # ---- data and model -----------------------------------------------------------------------
 @dataclasses.dataclass
 class Prepared:
@@ -174,21 +112,9 @@ def prepare(args: TrainArgs) -> Prepared:
     """Reads and tokenizes the data, then loads the model with a head for its labels (sharded
     over `args.mesh` if given). Every process reads all the data: batches are built the same
     everywhere, and each process places only its own devices' rows."""
-    import jax.numpy as jnp
     from transformers import AutoTokenizer
 
-    from ettin_jax import sharding
-    from ettin_jax.config import ModernBertDecoderConfig
-    from ettin_jax.convert import load_pretrained, resolve
-    from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
-    from ettin_jax.train import data
-
-    if args.model is None:
-        from ettin_jax import default_model
-
-        directory = default_model.path()
-    else:
-        directory = resolve(args.model)
+    directory = default_model.path() if args.model is None else resolve(args.model)
     config = ModernBertDecoderConfig.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
@@ -221,16 +147,18 @@ def prepare(args: TrainArgs) -> Prepared:
         model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
         return Prepared(model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id)
 
-    train_labels = data.column(tables["train"], args.label_column, args.train_file)
-    kind = args.problem_type or data.infer_problem_type(train_labels)
-    names = _label_set(config, directory, kind, train_labels)
+    values = {
+        split: data.read_labels(data.column(t, args.label_column, paths[split]), paths[split], args.label_column)
+        for split, t in tables.items()
+    }
+    kind = args.problem_type or data.infer_problem_type(values["train"])
+    names = _label_set(config, directory, kind, values["train"])
     examples = {}
     for split, t in tables.items():
         texts = data.column(t, args.text_column, paths[split])
         pairs = data.column(t, args.text_pair_column, paths[split]) if args.text_pair_column else None
-        values = data.column(t, args.label_column, paths[split])
+        labels = data.encode_labels(values[split], kind, names, paths[split], args.label_column)
         ids, truncated = data.tokenize_pairs(tokenizer, texts, pairs, max_length, bos)
-        labels = data.encode_labels(values, kind, names, paths[split], args.label_column)
         examples[split] = Examples(ids, labels, truncated)
         if truncated:
             log.warning(
@@ -254,14 +182,12 @@ def prepare(args: TrainArgs) -> Prepared:
 def _label_set(config: Any, directory: str, kind: str, values: list[Any]) -> tuple[str, ...]:
     """The checkpoint's own labels when it is a classifier for this problem with named labels,
     else the training column's."""
-    from ettin_jax.train.data import label_names
-
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         architectures = json.load(f).get("architectures") or []
     named = not all(n == f"LABEL_{i}" for i, n in enumerate(config.label_names))
     if "ModernBertDecoderForSequenceClassification" in architectures and named and config.problem_type == kind:
         return tuple(config.label_names)
-    return label_names(values, kind)
+    return data.label_names(values, kind)
 
 
 # ---- the loop -----------------------------------------------------------------------------
@@ -284,12 +210,8 @@ class _Preemption:
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop: they must all stop at the same step."""
-        import jax
-
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
     def __exit__(self, *exc: Any) -> None:
@@ -300,14 +222,8 @@ class _Preemption:
 def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = None) -> dict[str, Any]:
     """Runs (or resumes) a fine-tuning run; returns a summary. `on_step(step, metrics)`, if
     given, is called after every step (tests use it to stop a run part-way)."""
-    import jax
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
-
-    from ettin_jax import distributed, sharding
-    from ettin_jax.train import metrics
-    from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
-    from ettin_jax.train.steps import create_train_state, train_step
 
     resuming = prepare_output_dir(args)
     prepared = prepared or prepare(args)
@@ -328,7 +244,7 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     schedule = learning_rate_schedule(opt)
     model = prepared.model
     model.model.remat = args.remat
-    state = create_train_state(model, make_optimizer(opt), args.seed)
+    state = steps.create_train_state(model, make_optimizer(opt), args.seed)
     mesh = sharding.mesh_of(state.params)
     primary = distributed.is_primary()  # the one process that writes the run's files
 
@@ -368,13 +284,19 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     # The metrics file tells one run's story: drop what a killed run logged after its checkpoint.
     kept = [r for r in metrics.read_metrics(metrics_path) if r["step"] <= start] if os.path.exists(metrics_path) else []
     if primary:
-        _write_lines(metrics_path, kept)
+        write_jsonl(metrics_path, kept)
 
     def save(step: int, evaluated: dict[str, float] | None) -> None:
-        # The save runs in the background while training goes on, so it gets copies: the next
-        # step donates (reuses) the state's buffers, and the loop mutates `position` in place.
+        # A copy: the loop mutates `position` in place while the save goes on in the background.
         trainer_state = json.loads(json.dumps({"position": position, "best": best, "step": step}))
-        saved = jax.tree.map(sharding.snapshot, state.checkpoint())  # through the host, now
+        saved = state.checkpoint()
+        if platforms.on_cpu():
+            # orbax's save() returns once it holds host copies of the arrays and writes them in
+            # the background, while the next step donates the state's buffers. Off CPU those
+            # copies are real (a finished device-to-host transfer). On CPU they are views of the
+            # very buffers the next step donates (np.asarray copies nothing there); PjRt then
+            # declines the donation (jax 0.10), but the checkpoint should not rest on that.
+            saved = jax.tree.map(sharding.snapshot, saved)
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(saved), trainer=ocp.args.JsonSave(trainer_state)),
@@ -393,7 +315,7 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
                 batch, _ = train_batches.batch(position["epoch"], position["index"])
                 if mesh is not None:
                     batch = sharding.put_batch(batch, mesh, axis=1)  # (K, B, ...): rows split
-                state, m = train_step(state, batch, jax.random.fold_in(state.rng, state.step))
+                state, m = steps.train_step(state, batch, jax.random.fold_in(state.rng, state.step))
                 m = {k: sharding.to_host(v) for k, v in m.items()}
                 position["index"] += 1
                 if position["index"] == train_batches.num_batches:
@@ -470,10 +392,6 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
 
 def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float]:
     """Eval metrics, each prefixed `eval_`."""
-    from ettin_jax import sharding
-    from ettin_jax.train import metrics
-    from ettin_jax.train.steps import eval_step
-
     mesh = sharding.mesh_of(state.params)
     size = args.eval_batch_size or args.batch_size
     length = args.max_length if args.task == "classify" else args.block_size
@@ -483,7 +401,7 @@ def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float
         batch = {k: v[0] for k, v in batch.items()}
         if mesh is not None:
             batch = sharding.put_batch(batch, mesh)
-        out = {k: sharding.to_host(v) for k, v in eval_step(state, batch).items()}
+        out = {k: sharding.to_host(v) for k, v in steps.eval_step(state, batch).items()}
         sums.append(out["loss_sum"][:rows])
         counts.append(out["count"][:rows])
         if "logits" in out:
@@ -504,41 +422,23 @@ def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float
 def _export(state: Any, prepared: Prepared, directory: str) -> None:
     """The model in transformers format plus the tokenizer, published by one rename. Every
     process gathers the params; process 0 writes."""
-    from ettin_jax import distributed
-    from ettin_jax.convert.checkpoint import make_staging_dir, save_transformers, transformers_state_dict
-
     model = state.model()
     tensors = transformers_state_dict(model)  # a collective when the params span processes
     if distributed.is_primary():
-        parent = os.path.dirname(directory)
-        staging = make_staging_dir(parent, f".{os.path.basename(directory)}.tmp-")
+        staging = staging_dir_for(directory)
         try:
             save_transformers(model, staging, tensors)
             prepared.tokenizer.save_pretrained(staging)
-            if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
+            publish(staging, directory)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
     distributed.barrier(f"export-{os.path.basename(directory)}")
 
 
-def _write_lines(path: str, records: list[dict[str, Any]]) -> None:
-    from ettin_jax.convert.checkpoint import write_atomically
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-
-    write_atomically(path, write)
-
-
 def _plot(metrics_path: str, png: str) -> None:
-    from ettin_jax.train.metrics import plot_metrics, read_metrics
-
-    records = read_metrics(metrics_path)
+    records = metrics.read_metrics(metrics_path)
     if records:
-        plot_metrics(records, png)
+        metrics.plot_metrics(records, png)
 
 
 def main_summary(summary: dict[str, Any]) -> str:
@@ -547,6 +447,3 @@ def main_summary(summary: dict[str, Any]) -> str:
     if best["step"] is not None:
         lines.append(f"best step {best['step']}: {best['value']:.6g}")
     return "\n".join(lines)
-
-
-__all__ = ["PREEMPTED_EXIT", "DataError", "TrainArgs", "TrainingError", "evaluate", "prepare", "train"]

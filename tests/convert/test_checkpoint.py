@@ -15,10 +15,13 @@ import torch
 import transformers
 from flax import nnx
 from helpers import TINY, random_ids, to_numpy
+from jax.sharding import PartitionSpec as P
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 import ettin_jax as ej
-from ettin_jax.convert import CheckpointError, CheckpointFormatError
-from ettin_jax.convert.safetensors_io import SafetensorsFile, save_file
+from ettin_jax.convert import CheckpointError, CheckpointFormatError, architecture
+from ettin_jax.convert.checkpoint import read_flax
 
 TOL = 1e-4
 
@@ -134,8 +137,6 @@ def test_flax_format_round_trip_without_transposes(tmp_path, saved):
     model = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
     model.save_pretrained(tmp_path / "flax", format="flax")
     assert os.path.isdir(tmp_path / "flax" / "flax_params")
-    from ettin_jax.convert.checkpoint import read_flax
-
     stored = read_flax(str(tmp_path / "flax"))
     kernel = stored[("model", "layers", 0, "mlp", "Wi", "kernel")]
     assert kernel.shape == (64, 2 * 96)  # (in, out): our layout, not PyTorch's
@@ -147,12 +148,31 @@ def test_transformers_to_flax_to_transformers_is_bit_identical(tmp_path, saved):
     _, directory = saved("causal", attention_bias=True, norm_bias=True)
     ej.ModernBertDecoderForCausalLM.from_pretrained(directory).save_pretrained(tmp_path / "flax", format="flax")
     ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path / "flax").save_pretrained(tmp_path / "back")
-    original = SafetensorsFile(os.path.join(directory, "model.safetensors"))
-    final = SafetensorsFile(tmp_path / "back" / "model.safetensors")
-    assert set(original) == set(final)
-    for key in original:
-        assert original.dtype(key) == final.dtype(key)
-        np.testing.assert_array_equal(original[key], final[key], err_msg=key)
+    with (
+        safe_open(os.path.join(directory, "model.safetensors"), framework="numpy") as original,
+        safe_open(tmp_path / "back" / "model.safetensors", framework="numpy") as final,
+    ):
+        keys = set(original.keys())
+        assert keys == set(final.keys())
+        for key in keys:
+            assert original.get_slice(key).get_dtype() == final.get_slice(key).get_dtype()
+            np.testing.assert_array_equal(original.get_tensor(key), final.get_tensor(key), err_msg=key)
+
+
+def test_flax_checkpoint_restores_into_the_mesh_shardings(tmp_path, saved):
+    _, directory = saved("causal", tie_word_embeddings=False)
+    plain = ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+    plain.save_pretrained(tmp_path / "flax", format="flax")
+    mesh = ej.sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    # One device's part of the (64, 192) kernel, split over fsdp x tensor: orbax restored it
+    # onto that device, and the read hands over the shard as it is.
+    kernel = read_flax(str(tmp_path / "flax"), mesh)[("model", "layers", 0, "mlp", "Wi", "kernel")]
+    part = kernel.read((slice(32, 64), slice(0, 96)))
+    assert len(part.devices()) == 1
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(plain.model.layers[0].mlp.Wi.kernel[...])[32:, :96])
+    sharded = ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path / "flax", mesh=mesh)
+    assert sharded.model.layers[0].mlp.Wi.kernel.sharding.spec == P("fsdp", "tensor")
+    assert params_equal(sharded, plain)
 
 
 @pytest.mark.parametrize("target", ["causal", "base"])
@@ -233,9 +253,9 @@ def test_partial_head_is_an_error_not_a_new_head(tmp_path, saved):
 # ---- bad checkpoints ----------------------------------------------------------------------
 def rewrite(directory: str, edit) -> None:
     path = os.path.join(directory, "model.safetensors")
-    tensors = {k: np.array(v) for k, v in SafetensorsFile(path).items()}
+    tensors = load_file(path)
     edit(tensors)
-    save_file(tensors, path, {"format": "pt"})
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def test_missing_key_is_named(saved):
@@ -316,6 +336,24 @@ def test_pickled_objects_in_bin_are_refused(tmp_path, saved):
     torch.save({"payload": NotATensor()}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(CheckpointFormatError, match="cannot read the PyTorch checkpoint safely"):
         ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path / "bin")
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (None, "ModernBertDecoderForCausalLM"),
+        (["ModernBertDecoderForSequenceClassification"], "ModernBertDecoderForSequenceClassification"),
+        (["LlamaForCausalLM"], CheckpointError),
+    ],
+    ids=["default", "named", "unknown"],
+)
+def test_architecture_names_one_of_our_classes(tmp_path, names, expected):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": names} if names else {}))
+    if expected is CheckpointError:
+        with pytest.raises(CheckpointError, match=r"names architectures \['LlamaForCausalLM'\]"):
+            architecture(str(tmp_path))
+    else:
+        assert architecture(str(tmp_path)) == expected
 
 
 def test_directory_without_weights(tmp_path):

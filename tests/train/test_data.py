@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 from textdata import word_tokenizer, write_rows, xor_rows
 
+from ettin_jax.padding import bucket
 from ettin_jax.train.data import (
     Batches,
     DataError,
     Examples,
-    bucket,
-    buckets,
+    column,
     encode_labels,
     infer_problem_type,
     label_names,
     pack_blocks,
+    read_labels,
     read_table,
     tokenize_pairs,
 )
@@ -47,16 +48,86 @@ def test_labels_by_problem_type():
     assert infer_problem_type([1, 0, 2]) == "single_label_classification"
     assert infer_problem_type([0.5, 1.0]) == "regression"
     assert infer_problem_type([["a"], ["a", "b"]]) == "multi_label_classification"
+    assert infer_problem_type(["a,b", "c"]) == "multi_label_classification"
     assert label_names([10, 9, 2], "single_label_classification") == ("2", "9", "10")  # numeric order
     names = label_names(["b,a", "c"], "multi_label_classification")
     assert names == ("a", "b", "c")
-    hot = encode_labels(["b,a", '["c"]', ["a"]], "multi_label_classification", names, "f", "labels")
+    hot = encode_labels(["b,a", ["c"], "a"], "multi_label_classification", names, "f", "labels")
     np.testing.assert_array_equal(hot, [[1, 1, 0], [0, 0, 1], [1, 0, 0]])
-    assert encode_labels(["1.5", 2], "regression", ("LABEL_0",), "f", "y").tolist() == [1.5, 2.0]
+    assert encode_labels([1.5, 2], "regression", ("LABEL_0",), "f", "y").tolist() == [1.5, 2.0]
     with pytest.raises(DataError, match=r"label 'maybe' in row 2 of eval.csv \(column 'label'\) is not in"):
         encode_labels(["yes", "maybe"], "single_label_classification", ("no", "yes"), "eval.csv", "label")
-    with pytest.raises(DataError, match="regression label 'x' in row 1 of f is not a number"):
+    with pytest.raises(DataError, match=r"regression label 'x' in row 1 of f \(column 'y'\) is not a number"):
         encode_labels(["x"], "regression", ("LABEL_0",), "f", "y")
+    with pytest.raises(DataError, match=r"row 2 of f \(column 'y'\) is a list; single_label_classification"):
+        encode_labels(["a", ["a", "b"]], "single_label_classification", ("a", "b"), "f", "y")
+
+
+# Each problem type's labels as written in each format: CSV holds strings only.
+TYPED = {
+    "single_label_classification": dict(
+        csv=["2", "10", "2", "0"], json=[2, 10, 2.0, 0], names=("0", "2", "10"), encoded=[1, 2, 1, 0]
+    ),
+    "multi_label_classification": dict(
+        csv=["b,a", '["c"]', "['a', 'c']"],  # comma-separated, a JSON list, a Python list (pandas)
+        json=[["b", "a"], ["c"], ["a", "c"]],
+        names=("a", "b", "c"),
+        encoded=[[1, 1, 0], [0, 0, 1], [1, 0, 1]],
+    ),
+    "regression": dict(csv=["1", "2.5", "-0.25"], json=[1, 2.5, -0.25], names=("LABEL_0",), encoded=[1.0, 2.5, -0.25]),
+}
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("problem", list(TYPED))
+def test_label_columns_are_typed_in_every_format(tmp_path, ext, problem):
+    case = TYPED[problem]
+    labels = case["csv"] if ext == "csv" else case["json"]
+    path = write_rows(tmp_path / f"data.{ext}", [{"text": f"w{i}", "label": v} for i, v in enumerate(labels)])
+    values = read_labels(column(read_table(path), "label", path), path, "label")
+    assert infer_problem_type(values) == problem
+    names = label_names(values, problem)
+    assert names == case["names"]
+    np.testing.assert_array_equal(encode_labels(values, problem, names, path, "label"), case["encoded"])
+
+
+def test_whole_numbers_are_classes_and_any_fraction_makes_a_column_float():
+    assert read_labels(["1", 2.0, 3], "f", "y") == [1, 2, 3]
+    assert read_labels(["1", 2, "0.5"], "f", "y") == [1.0, 2.0, 0.5]
+    assert all(type(v) is float for v in read_labels(["1", 2, "0.5"], "f", "y"))
+    assert read_labels(["a", "1"], "f", "y") == ["a", 1]  # names stay names
+
+
+@pytest.mark.parametrize(
+    ("ext", "cell", "message"),
+    [
+        ("csv", "nan", r"label 'nan' in row 2 of .*data\.csv \(column 'label'\) is not a finite number"),
+        ("jsonl", float("inf"), r"label inf in row 2 of .*data\.jsonl \(column 'label'\) is not a finite number"),
+        ("parquet", float("nan"), r"label nan in row 2 of .*data\.parquet \(column 'label'\) is not a finite"),
+        ("csv", "", r"row 2 of .*data\.csv has no value in column 'label'"),
+        ("jsonl", None, r"row 2 of .*data\.jsonl has no value in column 'label'"),
+        ("parquet", None, r"row 2 of .*data\.parquet has no value in column 'label'"),
+    ],
+)
+def test_bad_labels_name_the_row(tmp_path, ext, cell, message):
+    rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": cell}, {"text": "c", "label": 1.5}]
+    path = write_rows(tmp_path / f"data.{ext}", rows)
+    with pytest.raises(DataError, match=message):
+        read_labels(column(read_table(path), "label", path), path, "label")
+
+
+def test_rows_with_missing_fields_are_named(tmp_path):
+    (tmp_path / "short.csv").write_text("text,label\na,1\nb\n")
+    table = read_table(tmp_path / "short.csv")
+    with pytest.raises(DataError, match=r"row 2 of .*short\.csv has no value in column 'label'"):
+        column(table, "label", str(tmp_path / "short.csv"))
+    (tmp_path / "long.csv").write_text("text,label\na,1\nb,2,3\n")
+    with pytest.raises(DataError, match=r"row 2 of .*long\.csv has more cells than the header"):
+        read_table(tmp_path / "long.csv")
+    (tmp_path / "keys.jsonl").write_text('{"text": "a"}\n{"text": "b", "label": 1}\n')
+    table = read_table(tmp_path / "keys.jsonl")
+    with pytest.raises(DataError, match=r"row 1 of .*keys\.jsonl has no value in column 'label'"):
+        column(table, "label", str(tmp_path / "keys.jsonl"))
 
 
 def test_truncation_keeps_the_start_and_counts():
@@ -106,9 +177,8 @@ def test_batches_pad_to_buckets_with_masks():
     batch, rows = Batches(data, 4, pad_id=0, max_length=40, seed=0).batch(0, 0)
     assert rows == 4
     length = batch["input_ids"].shape[-1]
-    assert length in buckets(40) == (16, 32, 40)
     lengths = batch["attention_mask"].sum(-1).reshape(-1)
-    assert bucket(int(lengths.max()), (16, 32, 40)) == length
+    assert length in (16, 32, 40) and length == bucket(int(lengths.max()), maximum=40)
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
 
 

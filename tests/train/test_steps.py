@@ -12,8 +12,9 @@ from helpers import random_ids, to_numpy
 
 from ettin_jax import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
 from ettin_jax.convert.keys import to_key
+from ettin_jax.losses import row_losses
 from ettin_jax.train.optim import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
-from ettin_jax.train.steps import create_train_state, loss_sum, row_losses, train_step
+from ettin_jax.train.steps import create_train_state, loss_sum, train_step
 
 PROBLEMS = {
     "single_label_classification": dict(num_labels=3),

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from textdata import write_rows, xor_rows
 
-from ettin_jax.train.data import DataError
-from ettin_jax.train.trainer import PREEMPTED_EXIT, TrainArgs, TrainingError, prepare, train
+from ettin_jax.train import PREEMPTED_EXIT, DataError, TrainArgs, TrainingError, train
+from ettin_jax.train.trainer import prepare
 
 
 def _args(word_model, tmp_path, **changes) -> TrainArgs:
@@ -210,6 +210,30 @@ def test_argument_errors():
         TrainArgs(task="lm", model="m", train_file="f", output_dir="o", max_steps=1, batch_size=0)
     with pytest.raises(TrainingError, match="contradict"):
         TrainArgs(task="lm", model="m", train_file="f", output_dir="o", max_steps=1, resume=True, overwrite=True)
+    with pytest.raises(TrainingError, match="--problem-type must be one of regression, single_label"):
+        TrainArgs(task="classify", train_file="f", output_dir="o", max_steps=1, problem_type="multi")
+    with pytest.raises(TrainingError, match="--metric-for-best: unknown metric 'eval_speed'"):
+        TrainArgs(task="classify", train_file="f", output_dir="o", max_steps=1, metric_for_best="eval_speed")
+    assert TrainArgs(task="lm", train_file="f", output_dir="o", epochs=1, max_grad_norm=0).max_grad_norm is None
+
+
+def test_train_args_describe_the_command_line():
+    """The train subcommands generate their flags from TrainArgs: each field has a help text,
+    and its metadata says what argparse cannot read from the annotation."""
+    import dataclasses
+
+    from ettin_jax.config import PROBLEM_TYPES
+
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    assert all(f.metadata["help"] for f in fields.values())
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+    assert required == {"task", "train_file", "output_dir"}
+    assert {n for n, f in fields.items() if f.metadata.get("cli") is False} == {"task", "mesh"}
+    assert {n for n, f in fields.items() if f.metadata.get("group") == "length"} == {"epochs", "max_steps"}
+    assert fields["problem_type"].metadata["choices"] == PROBLEM_TYPES
+    assert fields["progress"].metadata["flag"] == "--no-progress"
+    assert fields["block_size"].metadata["tasks"] == ("lm",)
+    assert fields["label_column"].metadata["tasks"] == ("classify",)
 
 
 def _cli(*argv: str) -> int:
