@@ -69,6 +69,16 @@ class LayerCache:
             index=jnp.pad(self.index, [(0, 0), (0, extra)], constant_values=-1),
         )
 
+    def extended(self, k: Array, v: Array, index: Array) -> LayerCache:
+        """The cached tokens followed by T new ones, k, v (B, T, N, H), not stored: what several
+        new tokens attend over before `update` stores them (a ring may have no room for all)."""
+        heads_first = lambda a: a.transpose(0, 2, 1, 3).astype(self.k.dtype)  # noqa: E731
+        return self.replace(
+            k=jnp.concatenate([self.k, heads_first(k)], axis=2),  # (B, N, S + T, H)
+            v=jnp.concatenate([self.v, heads_first(v)], axis=2),
+            index=jnp.concatenate([self.index, index.astype(jnp.int32)], axis=1),
+        )
+
     def update(self, k: Array, v: Array, index: Array, start: Array | int, window: int | None) -> LayerCache:
         """Stores T new tokens (see `write`); a grown cache first adds slots for them, a sliding
         layer's up to its `window`."""

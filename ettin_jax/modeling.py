@@ -8,7 +8,7 @@ PyTorch `weight` becomes `kernel` (transposed), `scale` (LayerNorm) or `embeddin
 
 What lives elsewhere: attention backends and masks (`attention`), the KV cache (`cache`), input
 checks (`inputs`), losses (`losses`), sampling (`generation`, a mixin of the causal LM), and
-checkpoint reading and writing (`convert`).
+`from_pretrained`/`save_pretrained` (`pretrained`, a mixin of every class, over `convert`).
 
 Shape letters: B batch, T query length, S key length, D hidden, N heads, H head_dim,
 F intermediate, V vocab, L labels, Q selected rows.
@@ -17,7 +17,6 @@ F intermediate, V vocab, L labels, Q selected rows.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ettin_jax import convert
 from ettin_jax.attention import AttentionError, MaskSpec, attend, cached_attention, take_rows, xla_attention
 from ettin_jax.cache import Cache, LayerCache
 from ettin_jax.compilation import gradient_fence
-from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
+from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.generation import GenerationMixin
 from ettin_jax.inputs import InputError, check_inputs, concrete
 from ettin_jax.losses import causal_lm_loss, classification_loss
+from ettin_jax.pretrained import PretrainedMixin
 from ettin_jax.sharding import constrain
 
 Array = jax.Array
@@ -117,6 +116,7 @@ class LayerInputs:
     cos: Array  # (B, T, H) float32, the RoPE table of this layer's kind
     sin: Array  # (B, T, H)
     mask: MaskSpec  # sequence indices, padding and segments of the T new tokens
+    start: Array | None = None  # () int32: the first new token's sequence index in the cache
     rows: Array | None = None  # (B, Q): output only the tokens at these sequence indices
     deterministic: bool = flax.struct.field(pytree_node=False, default=True)
     output_attentions: bool = flax.struct.field(pytree_node=False, default=False)
@@ -195,16 +195,15 @@ class Attention(nnx.Module):
         return constrain(proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim), "heads")
 
     def __call__(
-        self, x: Array, inputs: LayerInputs, cache: LayerCache | None, start: Array | None
+        self, x: Array, inputs: LayerInputs, cache: LayerCache | None
     ) -> tuple[Array, LayerCache | None, Array | None]:
         """x (B, T, D) -> (B, T, D), or (B, Q, D) with `inputs.rows`; the cache with the new keys
         stored; the probabilities (B, N, T, S) with `inputs.output_attentions`, else None.
 
         Without past tokens (no cache, or one with no slots yet), attention over x itself by this
         layer's backend. With past tokens, a single token is stored first and attends over the
-        cache; several attend over the cache and themselves, then are stored. `start`: the
-        first new token's sequence index (the cache's length)."""
-        rows, mask = inputs.rows, inputs.mask
+        cache; several attend over the cache and themselves, then are stored."""
+        rows, mask, start = inputs.rows, inputs.mask, inputs.start
         cos, sin = inputs.cos, inputs.sin
         k, v = apply_rope(self._heads(self.k_proj, x), cos, sin), self._heads(self.v_proj, x)
         if rows is not None:  # queries only for the selected tokens; every token stays a key
@@ -228,11 +227,8 @@ class Attention(nnx.Module):
             cache = cache.update(k, v, stored, start, self.window)
             out, probs = cached_attention(q, cache.k, cache.v, q_index, cache.index, self.window, drop, deterministic)
         else:
-            heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
-            keys = jnp.concatenate([cache.k, heads_first(k).astype(cache.k.dtype)], axis=2)  # (B, N, S + T, H)
-            values = jnp.concatenate([cache.v, heads_first(v).astype(cache.v.dtype)], axis=2)
-            index = jnp.concatenate([cache.index, stored], axis=1)
-            out, probs = cached_attention(q, keys, values, q_index, index, self.window, drop, deterministic)
+            seen = cache.extended(k, v, stored)
+            out, probs = cached_attention(q, seen.k, seen.v, q_index, seen.index, self.window, drop, deterministic)
             cache = cache.update(k, v, stored, start, self.window)
         out = _drop(self.out_drop, self.Wo(out.reshape(*q.shape[:2], -1)), deterministic)
         return out, cache, probs if inputs.output_attentions else None
@@ -263,13 +259,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(make)
 
     def __call__(
-        self, x: Array, inputs: LayerInputs, cache: LayerCache | None, start: Array | None
+        self, x: Array, inputs: LayerInputs, cache: LayerCache | None
     ) -> tuple[Array, LayerCache | None, Array | None]:
         """x (B, T, D) -> (B, T, D), or with `inputs.rows` (B, Q) the tokens at those sequence
         indices only, (B, Q, D); the updated cache and the attention probabilities."""
         x = gradient_fence(x)  # the identity; see its docstring
         h = x if self.attn_norm is None else self.attn_norm(x)
-        attn, cache, probs = self.attn(h, inputs, cache, start)
+        attn, cache, probs = self.attn(h, inputs, cache)
         if inputs.rows is not None:
             x = take_rows(x, inputs.rows)
         x = gradient_fence(x + attn)
@@ -287,51 +283,6 @@ class PredictionHead(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return self.norm(self.act(self.dense(x)))
-
-
-class PretrainedMixin:
-    """`from_pretrained` / `save_pretrained`, as in transformers; the work is in `ettin_jax.convert`."""
-
-    config: ModernBertDecoderConfig
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike,
-        *,
-        dtype: DType = jnp.float32,
-        param_dtype: DType = jnp.float32,
-        revision: str | None = None,
-        mesh: Any = None,
-        **config_overrides: Any,
-    ) -> Any:
-        """Loads a transformers checkpoint (safetensors, sharded or not, or pytorch_model.bin),
-        a Hub repo id, or a directory written by `save_pretrained(format="flax")`.
-        Keyword arguments such as `num_labels`, `problem_type` or `id2label` override the config.
-        With a `mesh` (`ettin_jax.sharding.make_mesh`), params are sharded over it as they load."""
-        return convert.load_pretrained(
-            cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision, mesh=mesh,
-            **config_overrides,
-        )  # fmt: skip
-
-    def save_pretrained(self, directory: str | os.PathLike, format: str = "transformers") -> None:
-        """`format="transformers"`: config.json + model.safetensors that transformers loads.
-        `format="flax"`: config.json + an orbax checkpoint of the params."""
-        convert.save_pretrained(self, directory, format=format)
-
-    def set_attention_impl(self, impl: str) -> None:
-        """Switches every layer to the attention backend `impl` (see `ettin_jax.attention`),
-        without reloading; the next call compiles with it."""
-        if impl not in ATTENTION_IMPLS:
-            raise InputError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-        for _, node in nnx.iter_graph(self):
-            if isinstance(node, Attention):
-                node.impl = impl
-            if hasattr(node, "config") and isinstance(node.config, ModernBertDecoderConfig):
-                node.config = node.config.replace(attention_impl=impl)
-
-    def num_parameters(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
 
 class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
@@ -415,7 +366,7 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         }
 
         def run(layer: DecoderLayer, h: Array, inputs: LayerInputs, cache: LayerCache | None) -> tuple:
-            return layer(h, inputs, cache, start)
+            return layer(h, inputs, cache)
 
         if self.remat:
             run = nnx.remat(run)
@@ -423,8 +374,8 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         last = len(self.layers) - 1
         for i, (kind, layer) in enumerate(zip(c.layer_types, self.layers, strict=True)):
             inputs = LayerInputs(
-                *tables[kind], spec, rows if i == last else None, deterministic, output_attentions
-            )  # fmt: skip
+                *tables[kind], spec, start, rows if i == last else None, deterministic, output_attentions
+            )
             h, cache, probs = run(layer, h, inputs, None if past is None else past.layers[i])
             hidden.append(h)
             attentions.append(probs)
@@ -458,11 +409,6 @@ class LMDecoder(nnx.Module):
         if self.bias is not None:
             logits = logits + self.bias[...].astype(self.dtype)
         return constrain(logits, "logits")
-
-
-def _last_rows(batch: int, length: int, keep: int) -> Array:
-    """(B, keep) sequence indices of the last `keep` tokens of each row."""
-    return jnp.broadcast_to(jnp.arange(length - keep, length, dtype=jnp.int32), (batch, keep))
 
 
 class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin, GenerationMixin):
@@ -515,7 +461,9 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin, GenerationMixin)
             raise InputError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
         shape = np.shape(input_ids if input_ids is not None else inputs_embeds)
         keep = min(logits_to_keep, shape[1]) if logits_to_keep and len(shape) >= 2 else 0
-        rows = _last_rows(shape[0], shape[1], keep) if keep and not output_hidden_states else None
+        rows = None
+        if keep and not output_hidden_states:  # (B, keep): the last `keep` sequence indices
+            rows = jnp.broadcast_to(jnp.arange(shape[1] - keep, shape[1], dtype=jnp.int32), (shape[0], keep))
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_attentions,
             output_hidden_states, deterministic, segment_ids, rows=rows,

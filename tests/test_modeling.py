@@ -229,7 +229,7 @@ def test_decoder_layer_matches(pair, layer):
         np.testing.assert_allclose(np.asarray(cos), to_numpy(tcos), atol=1e-6)
         additive = torch.where(torch.tensor(np.asarray(mask)), 0.0, torch.finfo(torch.float32).min)
         ref = torch_model.model.layers[layer](h, position_embeddings=(tcos, tsin), attention_mask=additive)
-    got, _, _ = model.model.layers[layer](jnp.asarray(hidden), LayerInputs(cos, sin, spec), None, None)
+    got, _, _ = model.model.layers[layer](jnp.asarray(hidden), LayerInputs(cos, sin, spec), None)
     # Row 0's first three queries see no valid key: undefined in both frameworks.
     np.testing.assert_allclose(np.asarray(got)[valid], to_numpy(ref)[valid], atol=1e-5)
 
