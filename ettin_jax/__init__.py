@@ -4,6 +4,7 @@ from ettin_jax import sharding
 from ettin_jax.cache import Cache
 from ettin_jax.config import ETTIN_SIZES, ConfigError, ModernBertDecoderConfig
 from ettin_jax.errors import EttinError
+from ettin_jax.generation import GenerationConfig
 from ettin_jax.inputs import InputError
 from ettin_jax.modeling import (
     BaseModelOutput,
@@ -24,6 +25,7 @@ __all__ = [
     "CausalLMOutput",
     "ConfigError",
     "EttinError",
+    "GenerationConfig",
     "InputError",
     "ModernBertDecoderConfig",
     "ModernBertDecoderForCausalLM",

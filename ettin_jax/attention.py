@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ettin_jax import sharding
-from ettin_jax.config import ATTENTION_IMPLS
+from ettin_jax.config import check_attention_impl
 from ettin_jax.errors import EttinError
 from ettin_jax.platforms import compile_platform
 
@@ -89,8 +89,7 @@ BLOCKED_FROM = 1024  # "auto" on CPU: below this many tokens dense attention was
 
 def resolve(impl: str, dtype: Any, length: int | None = None) -> str:
     """The concrete backend for `impl` on this platform, compute dtype and sequence length."""
-    if impl not in ATTENTION_IMPLS:
-        raise AttentionError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    check_attention_impl(impl)
     if impl != "auto":
         return impl
     platform = compile_platform()

@@ -29,6 +29,12 @@ class ConfigError(EttinError, ValueError):
     """A config that this port cannot run, with the field that is wrong in the message."""
 
 
+def check_attention_impl(impl: str) -> None:
+    """The one check of an attention backend's name (see ettin_jax/attention.py)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModernBertDecoderConfig:
     vocab_size: int = 50368
@@ -130,8 +136,7 @@ class ModernBertDecoderConfig:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
         if not self.label_names:
             raise ConfigError("num_labels must be at least 1")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        check_attention_impl(self.attention_impl)
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -213,39 +213,43 @@ class _Request:
     mesh: Any  # the model's mesh, or None
 
 
-def _prepare(
-    model: Any,
-    state: Any,
-    input_ids: Any,
-    attention_mask: Any,
-    *,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    num_return_sequences: int = 1,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int = 0,
-) -> _Request:
-    """Checks the arguments of `generate` and prepares the batch; the defaults are generate's.
-    `state` is the model's `nnx.split` state (where its mesh is read from)."""
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig(SamplingConfig):
+    """How to generate, with transformers' names and defaults; `generate(**kwargs)` overrides
+    any of them. The sampling fields (do_sample, temperature, top_k, top_p, min_p,
+    repetition_penalty) are `SamplingConfig`'s."""
+
+    max_new_tokens: int | None = None  # default: DEFAULT_MAX_NEW_TOKENS, or what max_length leaves
+    max_length: int | None = None  # prompt + new tokens
+    min_new_tokens: int = 0
+    num_return_sequences: int = 1
+    eos_token_id: int | Sequence[int] | None = None  # default: the model config's
+    pad_token_id: int | None = None  # default: the model config's, else the first EOS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise GenerationError(f"generate() got unknown argument(s) {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+def _prepare(model: Any, state: Any, input_ids: Any, attention_mask: Any, c: GenerationConfig) -> _Request:
+    """Checks the arguments of `generate` and prepares the batch. `state` is the model's
+    `nnx.split` state (where its mesh is read from)."""
     config = model.config
-    try:
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
-    except ValueError as e:
-        raise GenerationError(str(e)) from None
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-    if num_return_sequences > 1 and not do_sample:
+    copies = c.num_return_sequences
+    if not isinstance(copies, int) or copies < 1:
+        raise GenerationError(f"num_return_sequences must be a positive integer, got {copies!r}")
+    if copies > 1 and not c.do_sample:
         raise GenerationError(
-            f"num_return_sequences={num_return_sequences} with greedy decoding would return identical copies; "
-            "pass do_sample=True"
+            f"num_return_sequences={copies} with greedy decoding would return identical copies; pass do_sample=True"
         )
     prompts = prompts_from(input_ids, attention_mask)
     if not prompts:
@@ -256,34 +260,36 @@ def _prepare(
         bad = [t for t in prompt if not 0 <= t < config.vocab_size]
         if bad:
             raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
-    prompts = [p for p in prompts for _ in range(num_return_sequences)]
+    prompts = [p for p in prompts for _ in range(copies)]
     width = max(len(p) for p in prompts)
-    if max_new_tokens is None and max_length is not None:
-        max_new_tokens = max_length - width
-        if max_new_tokens <= 0:
-            raise GenerationError(f"max_length={max_length} leaves no room after the {width}-token prompt")
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if min_new_tokens < 0:
-        raise GenerationError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
-    if width + max_new_tokens > config.max_position_embeddings:
+    max_new = c.max_new_tokens
+    if max_new is None and c.max_length is not None:
+        max_new = c.max_length - width
+        if max_new <= 0:
+            raise GenerationError(f"max_length={c.max_length} leaves no room after the {width}-token prompt")
+    max_new = DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new
+    if not isinstance(max_new, int) or max_new < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new!r}")
+    if c.min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be >= 0, got {c.min_new_tokens}")
+    if width + max_new > config.max_position_embeddings:
         raise GenerationError(
-            f"a {width}-token prompt plus {max_new_tokens} new tokens exceeds max_position_embeddings "
+            f"a {width}-token prompt plus {max_new} new tokens exceeds max_position_embeddings "
             f"({config.max_position_embeddings})"
         )
-    if eos_token_id is None:
+    if c.eos_token_id is None:
         eos = config.eos_token_ids
-    elif isinstance(eos_token_id, int):
-        eos = (eos_token_id,)
+    elif isinstance(c.eos_token_id, int):
+        eos = (c.eos_token_id,)
     else:
-        eos = tuple(int(t) for t in eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        eos = tuple(int(t) for t in c.eos_token_id)
+    pad = c.pad_token_id
+    if pad is None:
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     mesh = sharding.mesh_of(state)
-    batch = left_pad(prompts, pad_token_id, batch_multiple=sharding.batch_ways(mesh))
-    static = _Static(sampling.static(), eos, int(pad_token_id), bucket(max_new_tokens))
-    return _Request(batch, sampling, static, max_new_tokens, min_new_tokens, seed, mesh)
+    batch = left_pad(prompts, pad, batch_multiple=sharding.batch_ways(mesh))
+    static = _Static(c.static(), eos, int(pad), bucket(max_new))
+    return _Request(batch, c, static, max_new, c.min_new_tokens, c.seed, mesh)
 
 
 def _place(mesh: Any, rows: dict[str, Any], shared: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -301,31 +307,16 @@ class GenerationMixin:
         self,
         input_ids: Any,
         attention_mask: Any = None,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        min_new_tokens: int = 0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        num_return_sequences: int = 1,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int = 0,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
     ) -> np.ndarray:
         """Token ids (batch * num_return_sequences, prompt + new), prompts left-padded; rows that
         finished early are padded with `pad_token_id` after their EOS. `input_ids`: a 2-D array
-        (with `attention_mask` for padding) or a list of token lists. See the module docstring."""
+        (with `attention_mask` for padding) or a list of token lists. `kwargs`: any field of
+        `GenerationConfig` (max_new_tokens, do_sample, temperature, top_k, top_p, seed, ...)."""
         graphdef, state = nnx.split(self)
-        request = _prepare(
-            self, state, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
-            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        )  # fmt: skip
+        config = (generation_config or GenerationConfig()).replace(**kwargs)
+        request = _prepare(self, state, input_ids, attention_mask, config)
         batch = request.batch
         active = np.arange(batch.ids.shape[0]) < batch.rows
         rows, shared = _place(
@@ -343,11 +334,18 @@ class GenerationMixin:
         prompt = batch.ids[: batch.rows, batch.ids.shape[1] - batch.width :]
         return np.concatenate([prompt, sharding.to_host(out)[: batch.rows, :steps]], axis=1)
 
-    def generate_stream(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    def generate_stream(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Iterator[np.ndarray]:
         """Like `generate`, but yields each step's new tokens, (batch * num_return_sequences,),
         as soon as they are made (pad for rows already finished)."""
         graphdef, state = nnx.split(self)
-        request = _prepare(self, state, input_ids, attention_mask, **kwargs)
+        config = (generation_config or GenerationConfig()).replace(**kwargs)
+        request = _prepare(self, state, input_ids, attention_mask, config)
         batch, static, mesh = request.batch, request.static, request.mesh
         rows, shared = _place(
             mesh,

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ettin_jax import convert
-from ettin_jax.config import ATTENTION_IMPLS, ModernBertDecoderConfig
-from ettin_jax.inputs import InputError
+from ettin_jax.config import ModernBertDecoderConfig
 
 DType = Any
 
@@ -50,13 +49,12 @@ class PretrainedMixin:
     def set_attention_impl(self, impl: str) -> None:
         """Switches every layer to the attention backend `impl` (see `ettin_jax.attention`),
         without reloading; the next call compiles with it."""
-        if impl not in ATTENTION_IMPLS:
-            raise InputError(f"attention_impl {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        config = self.config.replace(attention_impl=impl)  # checks the name
         for _, node in nnx.iter_graph(self):
             if hasattr(node, "impl"):  # each layer's attention
                 node.impl = impl
             if hasattr(node, "config") and isinstance(node.config, ModernBertDecoderConfig):
-                node.config = node.config.replace(attention_impl=impl)
+                node.config = config
 
     def num_parameters(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

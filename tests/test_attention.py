@@ -76,8 +76,10 @@ def test_auto_and_errors():
     if jax.default_backend() != "gpu":  # on a GPU, tests/test_gpu.py checks cuDNN's own errors
         with pytest.raises(AttentionError, match=f'"cudnn" needs a GPU; this is {jax.default_backend()}'):
             attend(q, k, v, spec, 4, "cudnn")
-    with pytest.raises(AttentionError, match="is not one of auto, xla, xla_blocked, cudnn, splash"):
+    with pytest.raises(ConfigError, match="is not one of auto, xla, xla_blocked, cudnn, splash"):
         attend(q, k, v, spec, 4, "flash")
+    with pytest.raises(ConfigError, match="attention_impl 'flash'"):
+        ModernBertDecoderForCausalLM(ModernBertDecoderConfig(**TINY)).set_attention_impl("flash")
     with pytest.raises(ConfigError, match="attention_impl 'flash'"):
         ModernBertDecoderConfig(attention_impl="flash")
     dropout_config = ModernBertDecoderConfig.from_dict({**TINY, "attention_dropout": 0.1, "attention_impl": "splash"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import platform
-import re
 import subprocess
 import sys
 
@@ -81,45 +80,6 @@ def test_the_library_programs_are_tuned(program):
     assert isinstance(program, compilation.TunedJit)
 
 
-# ---- gradient_fence -------------------------------------------------------------------------
-def test_gradient_fence_is_the_identity_forward_and_backward():
-    x = jnp.array([1.0, -2.0, 0.5])
-    f = lambda x: jnp.sum(jnp.sin(compilation.gradient_fence(x * 3.0)))  # noqa: E731
-    assert f(x) == jnp.sum(jnp.sin(x * 3.0))
-    np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), 3.0 * jnp.cos(x * 3.0))
-    # A NaN in the cotangent (the conditional's other branch) passes through unchanged too.
-    g = jax.jit(jax.grad(lambda x: jnp.sum(compilation.gradient_fence(x) * jnp.array([jnp.nan, 2.0, 3.0]))))(x)
-    assert np.isnan(g[0]) and g[1:].tolist() == [2.0, 3.0]
-
-
-def _largest_fusion(hlo: str) -> int:
-    """The most operands any fusion of a compiled program takes."""
-    return max(len(re.findall(r"%[\w.-]+", m)) for m in re.findall(r"= \S+ fusion\(([^)]*)\)", hlo))
-
-
-def test_the_train_backward_does_not_recompute_the_residual_chain(monkeypatch):
-    """Without the fences XLA:CPU fuses the residual stream's gradient chain, through every
-    layer above, into each weight gradient's transposed copy: fusions grow with depth."""
-    config = ej.ModernBertDecoderConfig(**{**TINY, "num_hidden_layers": 8})
-    model = ej.ModernBertDecoderForCausalLM(config, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ids = jnp.asarray(np.arange(4 * 16).reshape(4, 16) % config.vocab_size, jnp.int32)
-
-    def loss(params):
-        return nnx.merge(graphdef, params, rest)(ids).logits.astype(jnp.float32).std()
-
-    def largest() -> int:
-        return _largest_fusion(
-            jax.jit(jax.grad(loss), compiler_options=compilation.CPU_OPTIONS).lower(params).compile().as_text()
-        )
-
-    fenced = largest()
-    monkeypatch.setattr("ettin_jax.modeling.gradient_fence", lambda x: x)
-    unfenced = largest()
-    assert unfenced > 40, unfenced  # the positive control: the chain is there to be cut
-    assert fenced < 20 < unfenced, (fenced, unfenced)
-
-
 _FAULTS_SCRIPT = """
 import resource, sys
 from ettin_jax import compilation
@@ -166,3 +126,27 @@ def test_keep_host_memory_stops_the_page_faults_of_each_step():
     # Kept, the heap has room for the temporary: at most an occasional call grows it (measured:
     # 3 of 20 calls, from the heap's fragmentation under asynchronous dispatch).
     assert faults < faults_by_default / 2
+
+
+def test_cpu_tuning_never_reaches_a_tpu_program():
+    """Platform choices follow the mesh being compiled for: under a TPU topology's mesh on this
+    CPU host (as benchmarks/tpu_aot.py compiles), the jit drops the XLA:CPU options and
+    generation derives its output kernel in the program instead of keeping a CPU copy."""
+    from ettin_jax import platforms, sharding
+
+    try:
+        from jax._src.mesh import AbstractDevice  # what the mesh of a TPU topology carries
+
+        tpu = jax.sharding.AbstractMesh((1, 2, 2), sharding.AXES, abstract_device=AbstractDevice("TPU v5", 1, "tpu"))
+    except (ImportError, TypeError) as e:  # a private JAX type: skip rather than fail if it moves
+        pytest.skip(f"this JAX has no AbstractDevice as expected: {e}")
+    model = ej.ModernBertDecoderForCausalLM(ej.ModernBertDecoderConfig(**TINY), rngs=nnx.Rngs(0))
+    on_this_cpu, for_tpu = compilation.jit(_f), compilation.jit(_f)
+    on_this_cpu(*_xy())
+    assert on_this_cpu._chosen is on_this_cpu._tuned  # the positive control
+    assert generation._output_kernel(model, *nnx.split(model)) is not None
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert platforms.compile_platform() == "tpu"
+        assert generation._output_kernel(model, *nnx.split(model)) is None
+        for_tpu(*_xy())
+        assert for_tpu._chosen is for_tpu._plain

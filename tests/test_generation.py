@@ -311,6 +311,8 @@ def test_runs_under_bfloat16(pair, tmp_path):
         (dict(num_return_sequences=2), "pass do_sample=True"),
         (dict(input_ids=[[5, 999]]), "token id 999 outside the vocabulary"),
         (dict(max_length=3), "leaves no room"),
+        (dict(max_new_token=5), r"unknown argument\(s\) max_new_token"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_generation_arguments(pair, kwargs, message):
@@ -318,6 +320,14 @@ def test_bad_generation_arguments(pair, kwargs, message):
     kwargs = {"input_ids": [[5, 6, 7]], **kwargs}
     with pytest.raises(GenerationError, match=message):
         model.generate(**kwargs)
+
+
+def test_a_generation_config_is_the_keyword_arguments(pair):
+    _, model = pair
+    config = ej.GenerationConfig(max_new_tokens=7, do_sample=True, top_k=5, seed=4, eos_token_id=[])
+    expected = model.generate([PROMPT_MID], max_new_tokens=7, do_sample=True, top_k=5, seed=4, eos_token_id=[])
+    np.testing.assert_array_equal(model.generate([PROMPT_MID], generation_config=config), expected)
+    assert model.generate([PROMPT_MID], generation_config=config, max_new_tokens=3).shape == (1, len(PROMPT_MID) + 3)
 
 
 def test_untrained_config_defaults():

@@ -31,7 +31,9 @@ def run_block(lang: str, code: str, cwd: Path, env: dict[str, str]) -> None:
 
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
-    assert [lang for lang, _ in found] == ["bash", "python", "python", "python", "python", "bash", "python", "bash"]
+    assert [lang for lang, _ in found] == [
+        "bash", "python", "python", "python", "python", "python", "bash", "python", "bash"
+    ]  # fmt: skip
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     # The first block makes tiny-ettin and builds the default model. The rest only read those and
     # form two chains that share no file, run side by side, each in the README's order: one has
@@ -43,7 +45,7 @@ def test_readme_examples_run_as_printed(tmp_path):
             run_block(*found[i], tmp_path, env)
 
     with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(run_chain, (1, 2, 4, 7)), pool.submit(run_chain, (3, 5, 6))]:
+        for done in [pool.submit(run_chain, (1, 2, 3, 5, 8)), pool.submit(run_chain, (4, 6, 7))]:
             done.result()  # re-raises a chain's failure
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
@@ -54,7 +56,7 @@ def test_readme_set_up_commands():
     text = README.read_text()
     set_up = text.split("## Set up")[1].split("```bash\n")[1].split("```")[0]
     commands = [line.split("  #")[0].strip() for line in set_up.splitlines()]
-    assert commands[0] == 'pip install torch==2.13.0 && pip install -e ".[test]"'
+    assert commands[0] == 'pip install torch==2.13.0 && pip install -e ".[train,test]"'
     assert commands[1].startswith("ettin-jax generate ")
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[2] in ci  # CI runs the README's test command
