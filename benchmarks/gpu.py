@@ -56,6 +56,7 @@ from forward import model_flops
 
 import ettin_jax as ej
 from ettin_jax import compilation
+from ettin_jax.cache import init_cache
 from ettin_jax.train.optim import OptimizerConfig, make_optimizer
 from ettin_jax.train.steps import create_train_state, train_step
 
@@ -244,8 +245,8 @@ def part_memory(args, torch_device, rows):
     seconds = measure(lambda model=model: model.generate(prompt, max_new_tokens=16, eos_token_id=[]), args.repeats)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    caches = jax.eval_shape(lambda model=model: model.model.init_cache(1, length))
-    ours = sum(x.size * x.dtype.itemsize for c in caches for x in (c.k, c.v)) / length
+    cache = jax.eval_shape(lambda: init_cache(config, 1, length, jnp.bfloat16))
+    ours = sum(x.size * x.dtype.itemsize for c in cache.layers for x in (c.k, c.v)) / length
     with torch.no_grad():
         past = reference(input_ids=torch.tensor(prompt, device=torch_device), use_cache=True).past_key_values
     theirs = sum(t.numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values)) / length

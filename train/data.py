@@ -59,8 +59,10 @@ def read_table(path: str | os.PathLike) -> dict[str, list[Any]]:
                     if not isinstance(rows[-1], dict):
                         raise DataError(f"{path} line {number} is not a JSON object")
     elif ext == ".parquet":
-        import pyarrow.parquet as pq
-
+        try:
+            import pyarrow.parquet as pq  # the "train" extra: inference never needs it
+        except ImportError:
+            raise DataError(f"reading {path} needs pyarrow: pip install 'ettin-jax[train]'") from None
         table = pq.read_table(path).to_pydict()
         if not table or not len(next(iter(table.values()))):
             raise DataError(f"data file {path} has no rows")

@@ -437,8 +437,12 @@ def _export(state: Any, prepared: Prepared, directory: str) -> None:
 
 def _plot(metrics_path: str, png: str) -> None:
     records = metrics.read_metrics(metrics_path)
-    if records:
+    if not records:
+        return
+    try:
         metrics.plot_metrics(records, png)
+    except ImportError:  # matplotlib comes with the "train" extra
+        log.warning("%s not drawn: matplotlib is not installed (pip install 'ettin-jax[train]')", png)
 
 
 def main_summary(summary: dict[str, Any]) -> str:
