@@ -90,11 +90,22 @@ class LayerCache:
     def write(self, k: Array, v: Array, index: Array, start: Array | int) -> LayerCache:
         """Stores T new tokens, k, v (B, T, N, H) with sequence indices `index` (B, T) (-1 for
         padding), which sit at sequence indices start .. start + T - 1: slot (start + t) % S, so a
-        ring keeps the newest S tokens."""
+        ring keeps the newest S tokens. `start` is one index for every row, or one per row, (B,),
+        for a single token (the engine's slots each at their own length)."""
         slots, length = self.slots, k.shape[1]
         k, v = k.transpose(0, 2, 1, 3).astype(self.k.dtype), v.transpose(0, 2, 1, 3).astype(self.v.dtype)
+        start = jnp.asarray(start, jnp.int32)
+        if start.ndim == 1:
+            if length != 1:
+                raise ValueError("a cache written at a different index per row takes one token at a time")
+            rows, slot = jnp.arange(k.shape[0]), start % slots
+            return self.replace(
+                k=self.k.at[rows, :, slot].set(k[:, :, 0]),
+                v=self.v.at[rows, :, slot].set(v[:, :, 0]),
+                index=self.index.at[rows, slot].set(index[:, 0].astype(jnp.int32)),
+            )
         if length == 1:
-            slot = jnp.asarray(start, jnp.int32) % slots
+            slot = start % slots
             return self.replace(
                 k=jax.lax.dynamic_update_slice_in_dim(self.k, k, slot, axis=2),
                 v=jax.lax.dynamic_update_slice_in_dim(self.v, v, slot, axis=2),
@@ -115,7 +126,7 @@ class Cache:
     token's index)."""
 
     layers: tuple[LayerCache, ...]
-    length: Array  # () int32
+    length: Array  # () int32, or (B,) int32 where each row is at its own length (the engine)
 
     def preallocate(self, config: ModernBertDecoderConfig, length: int) -> Cache:
         """This cache with room for `length` tokens in all, written in place from now on: global

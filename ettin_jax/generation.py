@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ettin_jax import compilation, sharding
 from ettin_jax.cache import Cache
+from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.errors import EttinError
 from ettin_jax.padding import Padded, bucket, left_pad
 from ettin_jax.platforms import on_cpu
@@ -240,10 +241,32 @@ class GenerationConfig(SamplingConfig):
         return dataclasses.replace(self, **changes)
 
 
-def _prepare(model: Any, state: Any, input_ids: Any, attention_mask: Any, c: GenerationConfig) -> _Request:
-    """Checks the arguments of `generate` and prepares the batch. `state` is the model's
-    `nnx.split` state (where its mesh is read from)."""
-    config = model.config
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """A `GenerationError` naming the first prompt that is empty or holds an id outside the vocabulary."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """A `GenerationConfig` resolved for a model and a prompt width."""
+
+    max_new: int
+    eos: tuple[int, ...]
+    pad: int
+
+
+def resolve(config: ModernBertDecoderConfig, c: GenerationConfig, width: int, context: int | None = None) -> Limits:
+    """The new-token budget, EOS ids and pad id for prompts of `width` tokens, or a
+    `GenerationError` naming the argument that cannot work. `context`: the most tokens a row
+    may hold (default: max_position_embeddings)."""
+    context = config.max_position_embeddings if context is None else context
     copies = c.num_return_sequences
     if not isinstance(copies, int) or copies < 1:
         raise GenerationError(f"num_return_sequences must be a positive integer, got {copies!r}")
@@ -251,32 +274,19 @@ def _prepare(model: Any, state: Any, input_ids: Any, attention_mask: Any, c: Gen
         raise GenerationError(
             f"num_return_sequences={copies} with greedy decoding would return identical copies; pass do_sample=True"
         )
-    prompts = prompts_from(input_ids, attention_mask)
-    if not prompts:
-        raise GenerationError("no prompts given")
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
-        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-        if bad:
-            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
-    prompts = [p for p in prompts for _ in range(copies)]
-    width = max(len(p) for p in prompts)
     max_new = c.max_new_tokens
     if max_new is None and c.max_length is not None:
         max_new = c.max_length - width
         if max_new <= 0:
             raise GenerationError(f"max_length={c.max_length} leaves no room after the {width}-token prompt")
     max_new = DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new
-    if not isinstance(max_new, int) or max_new < 0:
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new!r}")
-    if c.min_new_tokens < 0:
-        raise GenerationError(f"min_new_tokens must be >= 0, got {c.min_new_tokens}")
-    if width + max_new > config.max_position_embeddings:
-        raise GenerationError(
-            f"a {width}-token prompt plus {max_new} new tokens exceeds max_position_embeddings "
-            f"({config.max_position_embeddings})"
-        )
+    if not isinstance(c.min_new_tokens, int) or c.min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be an integer >= 0, got {c.min_new_tokens!r}")
+    if width + max_new > context:
+        limit = "max_position_embeddings" if context == config.max_position_embeddings else "the engine's max_length"
+        raise GenerationError(f"a {width}-token prompt plus {max_new} new tokens exceeds {limit} ({context})")
     if c.eos_token_id is None:
         eos = config.eos_token_ids
     elif isinstance(c.eos_token_id, int):
@@ -286,10 +296,20 @@ def _prepare(model: Any, state: Any, input_ids: Any, attention_mask: Any, c: Gen
     pad = c.pad_token_id
     if pad is None:
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    return Limits(max_new, eos, int(pad))
+
+
+def _prepare(model: Any, state: Any, input_ids: Any, attention_mask: Any, c: GenerationConfig) -> _Request:
+    """Checks the arguments of `generate` and prepares the batch. `state` is the model's
+    `nnx.split` state (where its mesh is read from)."""
+    prompts = prompts_from(input_ids, attention_mask)
+    check_prompts(prompts, model.config.vocab_size)
+    limits = resolve(model.config, c, max(len(p) for p in prompts))
+    prompts = [p for p in prompts for _ in range(c.num_return_sequences)]
     mesh = sharding.mesh_of(state)
-    batch = left_pad(prompts, pad, batch_multiple=sharding.batch_ways(mesh))
-    static = _Static(c.static(), eos, int(pad), bucket(max_new))
-    return _Request(batch, c, static, max_new, c.min_new_tokens, c.seed, mesh)
+    batch = left_pad(prompts, limits.pad, batch_multiple=sharding.batch_ways(mesh))
+    static = _Static(c.static(), limits.eos, limits.pad, bucket(limits.max_new))
+    return _Request(batch, c, static, limits.max_new, c.min_new_tokens, c.seed, mesh)
 
 
 def _place(mesh: Any, rows: dict[str, Any], shared: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ettin_jax import engine
 from ettin_jax.attention import AttentionError, MaskSpec, attend, cached_attention, take_rows, xla_attention
 from ettin_jax.cache import Cache, LayerCache
 from ettin_jax.config import ModernBertDecoderConfig
@@ -335,7 +336,7 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         past_length = 0 if past is None else concrete(past.length)
         input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
             c, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids,
-            past_length=None if past_length is None else int(past_length),
+            past_length=None if past_length is None else int(np.max(past_length)),
         )  # fmt: skip
         if rows is not None and output_hidden_states:
             raise InputError("rows and output_hidden_states exclude each other: hidden states need every token")
@@ -348,8 +349,8 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
             past = Cache((empty,) * c.num_hidden_layers, jnp.zeros((), jnp.int32))
         start = None if past is None else past.length
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))  # (B, T) sequence indices
-        if start is not None:
-            index = index + start
+        if start is not None:  # the cache's length: one for every row, or one per row
+            index = index + jnp.reshape(start, (-1, 1))
         if position_ids is None:
             position_ids = index
         valid = jnp.ones((batch, length), bool)
@@ -424,6 +425,10 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin, GenerationMixin)
         self.model = ModernBertDecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = PredictionHead(make)
         self.decoder = LMDecoder(make)
+
+    def generate_batch(self, inputs: Any, **kwargs: Any) -> list[list[int]]:
+        """Continuous batching over a list of token-id lists; see `ettin_jax.engine.generate_batch`."""
+        return engine.generate_batch(self, inputs, **kwargs)
 
     def output_kernel(self) -> Array:
         """The (D, V) vocabulary projection: the decoder's own kernel, or the transposed

@@ -3,7 +3,10 @@
 Order, as in transformers' `generate`: repetition penalty, min_new_tokens (EOS suppressed), then
 for sampling only: temperature, top-k, top-p, min-p. Every filter sets removed logits to -inf
 and always keeps the most likely token. Values are traced, not static, so that changing a
-temperature or a top_p does not compile again; only whether a filter is on is static.
+temperature or a top_p does not compile again; only whether a filter is on is static. A value
+is one number for the batch, or one per row, (B,) (the engine's slots each serve their own
+request); a row's neutral value (temperature 1, top_k 0, top_p 1, min_p 0, penalty 1) leaves
+its logits as they are.
 """
 
 from __future__ import annotations
@@ -62,24 +65,37 @@ class SamplingConfig:
         }
 
 
+def _per_row(value: Array) -> Array:
+    """A scalar as it is; one value per row, (B,), as a column (B, 1) against (B, V) logits."""
+    value = jnp.asarray(value)
+    return value if value.ndim == 0 else value[:, None]
+
+
 def apply_repetition_penalty(logits: Array, seen: Array, penalty: Array) -> Array:
     """Tokens already in the sequence (`seen`, (B, V) bool): positive logits divided by the
     penalty, negative ones multiplied (transformers' RepetitionPenaltyLogitsProcessor)."""
+    penalty = _per_row(penalty)
     penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
     return jnp.where(seen, penalized, logits)
 
 
 def suppress(logits: Array, token_ids: Array, active: Array) -> Array:
-    """Sets the logits of `token_ids` (K,) to -inf where `active` ((B,) bool)."""
-    banned = jnp.zeros(logits.shape[-1], bool).at[token_ids].set(True)
-    return jnp.where(active[:, None] & banned[None, :], NEG_INF, logits)
+    """Sets the logits of `token_ids` to -inf where `active` ((B,) bool): (K,) ids for every row,
+    or (B, K) ids per row, where -1 pads a row's list."""
+    batch, vocab = logits.shape
+    ids = jnp.broadcast_to(token_ids, (batch, token_ids.shape[-1]))
+    ids = jnp.where(ids >= 0, ids, vocab)  # padding: out of range, dropped
+    banned = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].set(True, mode="drop")
+    return jnp.where(active[:, None] & banned, NEG_INF, logits)
 
 
 def top_k_filter(logits: Array, k: Array) -> Array:
     """Keeps the logits >= the k-th largest (ties kept); k = 0 keeps all."""
+    batch, vocab = logits.shape
     sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-    kth = sorted_desc[:, jnp.clip(k - 1, 0, logits.shape[-1] - 1)][:, None]
-    return jnp.where((k > 0) & (logits < kth), NEG_INF, logits)
+    where = jnp.broadcast_to(jnp.clip(k - 1, 0, vocab - 1), (batch,))[:, None]
+    kth = jnp.take_along_axis(sorted_desc, where, axis=1)
+    return jnp.where((_per_row(k) > 0) & (logits < kth), NEG_INF, logits)
 
 
 def top_p_filter(logits: Array, p: Array) -> Array:
@@ -89,7 +105,7 @@ def top_p_filter(logits: Array, p: Array) -> Array:
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = before < p
+    keep_sorted = before < _per_row(p)
     keep_sorted = keep_sorted.at[:, 0].set(True)
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     return jnp.where(keep, logits, NEG_INF)
@@ -98,7 +114,7 @@ def top_p_filter(logits: Array, p: Array) -> Array:
 def min_p_filter(logits: Array, min_p: Array) -> Array:
     """Drops tokens whose probability is below min_p times the top token's."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    threshold = min_p * jnp.max(probs, axis=-1, keepdims=True)
+    threshold = _per_row(min_p) * jnp.max(probs, axis=-1, keepdims=True)
     return jnp.where(probs < threshold, NEG_INF, logits)
 
 
@@ -119,7 +135,7 @@ def process_logits(
     if not do_sample:
         return logits
     if use_temperature:
-        logits = logits / values["temperature"]
+        logits = logits / _per_row(values["temperature"])
     if use_top_k:
         logits = top_k_filter(logits, values["top_k"])
     if use_top_p:
@@ -145,3 +161,13 @@ def choose(logits: Array, do_sample: bool, key: Array) -> Array:
     if do_sample:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     return argmax(logits)
+
+
+def choose_rows(logits: Array, sample: Array, keys: Array, any_sample: bool) -> Array:
+    """(B,) next tokens, row by row: a sample with the row's own key (B,) where `sample` (B,
+    bool), else the argmax. `any_sample` (static): whether any row may sample at all."""
+    greedy = argmax(logits)
+    if not any_sample:
+        return greedy
+    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, logits).astype(jnp.int32)
+    return jnp.where(sample, sampled, greedy)

@@ -1,0 +1,684 @@
+"""Continuous batching: a fixed number of decode slots, each serving its own request, refilled
+from a queue the moment a request ends.
+
+Per slot, on the device (`Slots`): the slot's rows of one preallocated KV cache (global layers a
+region of `max_length` tokens, sliding layers a ring of `sliding_window`), its own sequence
+length and RoPE position, the token to feed next, and its request's sampling values, limits
+and stop tokens. One round of `Engine.step()`:
+1. admit: queued requests with short prompts are prefilled several at a time (bucketed width,
+   a fixed number of rows), each row's first token chosen and its cache rows written into a free
+   slot, in one program; a long prompt is prefilled `prefill_chunk` tokens per round into a cache
+   row of its own, so that decoding is never stalled for a whole prefill;
+2. decode: `steps_per_call` decode steps in one program (a `lax.scan`), so that the host's work
+   (reading tokens, refilling slots) is paid once per several steps;
+3. the host hands each request its new tokens and frees the slots of those that ended.
+
+A request's tokens do not depend on its neighbours: every computation is per row, and a
+sampled token's randomness is `fold_in(key(seed), token index)`. Greedy tokens equal
+`model.generate` on the prompt alone.
+
+The programs: one prefill per prompt-width bucket up to `prefill_chunk`, one chunk step, one
+chunk finish, and one decode per set of logits processors in use; a stream of any length reuses
+them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ettin_jax import compilation, sharding
+from ettin_jax.cache import Cache, LayerCache, init_cache
+from ettin_jax.generation import (
+    GenerationConfig,
+    GenerationError,
+    Limits,
+    _output_kernel,
+    _output_kernel_program,
+    check_prompts,
+    resolve,
+)
+from ettin_jax.padding import bucket
+from ettin_jax.sampling import choose_rows, process_logits
+
+Array = jax.Array
+MAX_STOP_TOKENS = 8  # stop ids a request may name (EOS ids included)
+DEFAULT_MEMORY = 2 << 30  # bytes for the KV cache when the device does not say how much it has
+
+
+# ---- device state ---------------------------------------------------------------------------
+@flax.struct.dataclass
+class Params:
+    """Each slot's request: its limits, sampling values and stop tokens, (B,) or (B, K)."""
+
+    max_new: Array  # int32
+    min_new: Array  # int32
+    sample: Array  # bool
+    temperature: Array  # float32
+    top_k: Array  # int32, 0: off
+    top_p: Array  # float32, 1: off
+    min_p: Array  # float32, 0: off
+    penalty: Array  # float32, 1: off
+    key: Array  # (B, 2) uint32 key data from the request's seed
+    stop: Array  # (B, K) int32, -1 pads
+
+    def values(self) -> dict[str, Array]:
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "repetition_penalty": self.penalty,
+        }
+
+
+@flax.struct.dataclass
+class Slots:
+    cache: Cache  # preallocated; length (B,): each slot at its own sequence index
+    tokens: Array  # (B,) int32: the token to feed next (the last one chosen)
+    positions: Array  # (B,) int32: its RoPE position
+    generated: Array  # (B,) int32: tokens chosen so far for the slot's request
+    active: Array  # (B,) bool: the slot holds a request that goes on
+    seen: Array  # (B, V) bool: the tokens of the request so far (repetition penalty)
+    params: Params
+
+
+def _choose(logits, seen, generated, params: Params, flags: tuple[bool, ...]) -> Array:
+    """Each row's next token: the processors of its own request, its own key at token index
+    `generated`. logits (B, V) float32."""
+    block_stop = generated < params.min_new
+    processed = process_logits(logits, flags, params.values(), seen, params.stop, block_stop)
+    keys = jax.vmap(lambda data, i: jax.random.fold_in(jax.random.wrap_key_data(data), i))(params.key, generated)
+    return choose_rows(processed, params.sample, keys, flags[0])
+
+
+def _after(tokens, generated, params: Params) -> tuple[Array, Array]:
+    """(generated + 1, whether the request ended with this token): a stop token or its budget."""
+    generated = generated + 1
+    stopped = jnp.any(tokens[:, None] == params.stop, axis=-1) | (generated >= params.max_new)
+    return generated, stopped
+
+
+# ---- the programs -----------------------------------------------------------------------------
+@functools.partial(compilation.jit, static_argnames=("graphdef", "steps", "flags"), donate_argnames=("slots",))
+def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...]):
+    """`steps` decode steps for every slot; returns the slots, the tokens (steps, B) and which
+    of them belong to a request (steps, B)."""
+    model = nnx.merge(graphdef, state)
+    batch = slots.tokens.shape[0]
+
+    def step(slots: Slots, _):
+        out = model.model(slots.tokens[:, None], position_ids=slots.positions[:, None], past_key_values=slots.cache)
+        logits = model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32)
+        tokens = _choose(logits, slots.seen, slots.generated, slots.params, flags)
+        generated, stopped = _after(tokens, slots.generated, slots.params)
+        emitted = slots.active
+        slots = slots.replace(
+            cache=out.past_key_values,
+            tokens=tokens,
+            positions=slots.positions + 1,
+            generated=jnp.where(emitted, generated, slots.generated),
+            active=emitted & ~stopped,
+            seen=slots.seen.at[jnp.arange(batch), tokens].set(True),
+        )
+        return slots, (tokens, emitted)
+
+    slots, (tokens, emitted) = jax.lax.scan(step, slots, None, length=steps)
+    return slots, tokens, emitted
+
+
+def _insert(slots: Slots, rows: Array, cache: Cache, first, positions, seen, params: Params, stopped) -> Slots:
+    """Writes prefilled requests into the slots `rows` (P,) (B for none: dropped): their cache
+    rows (padded to the slots' shape), first token, next position, seen tokens and params."""
+
+    def put(target: Array, value: Array) -> Array:
+        return target.at[rows].set(value.astype(target.dtype), mode="drop")
+
+    def put_layer(target: LayerCache, new: LayerCache) -> LayerCache:
+        new = new.grow(target.slots)  # a grown prefill cache holds its tokens at slot = index (sliding: a ring)
+        return target.replace(k=put(target.k, new.k), v=put(target.v, new.v), index=put(target.index, new.index))
+
+    layers = tuple(put_layer(t, n) for t, n in zip(slots.cache.layers, cache.layers, strict=True))
+    length = put(slots.cache.length, jnp.broadcast_to(cache.length, rows.shape))
+    return slots.replace(
+        cache=Cache(layers, length),
+        tokens=put(slots.tokens, first),
+        positions=put(slots.positions, positions),
+        generated=put(slots.generated, jnp.ones_like(first)),
+        active=put(slots.active, ~stopped),
+        seen=put(slots.seen, seen),
+        params=jax.tree.map(put, slots.params, params),
+    )
+
+
+def _first_tokens(model, kernel, hidden, ids, valid, params: Params, flags):
+    """The first new token of each prefilled row, its `seen` row, and whether it ends the request."""
+    logits = model.logits(hidden, kernel)[:, 0].astype(jnp.float32)
+    rows = jnp.arange(ids.shape[0])[:, None]
+    seen = jnp.zeros(logits.shape, bool).at[rows, ids].max(valid)
+    first = _choose(logits, seen, jnp.zeros(ids.shape[:1], jnp.int32), params, flags)
+    _, stopped = _after(first, jnp.zeros_like(first), params)
+    return first, seen.at[rows[:, 0], first].set(True), stopped
+
+
+@functools.partial(compilation.jit, static_argnames=("graphdef", "flags"), donate_argnames=("slots",))
+def _prefill_program(graphdef, state, kernel, slots: Slots, rows, ids, valid, params: Params, *, flags):
+    """Prefills P left-padded prompts (P, T) and writes them into the slots `rows` (P,);
+    returns the slots, the first tokens (P,) and which requests they ended."""
+    model = nnx.merge(graphdef, state)
+    batch, length = ids.shape
+    positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
+    out = model.model(
+        jnp.where(valid, ids, 0), valid, positions, use_cache=True, rows=jnp.full((batch, 1), length - 1, jnp.int32)
+    )
+    first, seen, stopped = _first_tokens(model, kernel, out.last_hidden_state, ids, valid, params, flags)
+    cache = out.past_key_values
+    slots = _insert(slots, rows, cache, first, positions[:, -1] + 1, seen, params, stopped)
+    return slots, first, stopped
+
+
+@functools.partial(compilation.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _chunk_program(graphdef, state, cache: Cache, ids, valid, positions):
+    """One chunk (1, C) of a long prompt into its own one-row preallocated cache."""
+    model = nnx.merge(graphdef, state)
+    out = model.model(jnp.where(valid, ids, 0), valid, positions, past_key_values=cache)
+    return out.past_key_values
+
+
+@functools.partial(compilation.jit, static_argnames=("graphdef", "flags"), donate_argnames=("slots",))
+def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, prompt_valid, ids, valid, positions,
+                          params, *, flags):  # fmt: skip
+    """The last chunk of a long prompt, its first token, and the request written into its slot."""
+    model = nnx.merge(graphdef, state)
+    out = model.model(
+        jnp.where(valid, ids, 0), valid, positions, past_key_values=cache,
+        rows=jnp.full((1, 1), ids.shape[1] - 1, jnp.int32),
+    )  # fmt: skip
+    first, seen, stopped = _first_tokens(model, kernel, out.last_hidden_state, prompt, prompt_valid, params, flags)
+    slots = _insert(slots, rows, out.past_key_values, first, positions[:, -1] + 1, seen, params, stopped)
+    return slots, first, stopped
+
+
+# ---- requests ---------------------------------------------------------------------------------
+class Request:
+    """A submitted request: its new tokens as they come (`tokens`), and `done`, `error` and
+    `finish_reason` ("stop" or "length") once it ends. `stream()` yields tokens as they are
+    made; `result()` waits for the end; `cancel()` frees its slot."""
+
+    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig, on_token: Callable | None):
+        self.engine, self.prompt, self.config = engine, prompt, config
+        self.limits: Limits | None = None  # set once the request is checked
+        self.tokens: list[int] = []
+        self.done = False
+        self.error: str | None = None
+        self.finish_reason: str | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._on_token = on_token
+        self._cancelled = False
+        self._changed = threading.Condition(engine._lock)
+
+    def _emit(self, tokens: Sequence[int]) -> None:
+        if self.first_token_at is None and tokens:
+            self.first_token_at = time.perf_counter()
+        self.tokens.extend(tokens)
+        if self._on_token is not None:
+            for token in tokens:
+                self._on_token(token)
+        self._changed.notify_all()
+
+    def _finish(self, reason: str | None, error: str | None = None) -> None:
+        self.done, self.finish_reason, self.error = True, reason, error
+        self._changed.notify_all()
+
+    def cancel(self) -> None:
+        """Stops the request; its slot is freed at the next round."""
+        with self.engine._lock:
+            self._cancelled = True
+
+    def stream(self) -> Iterator[int]:
+        """The new tokens as they are made; drives the engine itself when no thread runs it."""
+        sent = 0
+        while True:
+            with self.engine._lock:
+                while len(self.tokens) == sent and not self.done and self.engine._thread is not None:
+                    self._changed.wait()
+                new, done = self.tokens[sent:], self.done
+            yield from new
+            sent += len(new)
+            if done and sent == len(self.tokens):
+                if self.error:
+                    raise GenerationError(self.error)
+                return
+            if self.engine._thread is None:
+                self.engine.step()
+
+    def result(self) -> list[int]:
+        """Every new token, once the request has ended (its stop token included)."""
+        for _ in self.stream():
+            pass
+        return list(self.tokens)
+
+
+@dataclasses.dataclass
+class _Prefilling:
+    """A long prompt being prefilled chunk by chunk into a cache row of its own."""
+
+    request: Request
+    slot: int
+    cache: Cache
+    ids: np.ndarray  # (1, T) left-padded to a multiple of the chunk
+    valid: np.ndarray
+    positions: np.ndarray
+    done_chunks: int = 0
+
+
+# ---- the engine -------------------------------------------------------------------------------
+class Engine:
+    """Continuous batching over a model's causal LM; see the module docstring.
+
+    `max_batch_size`: decode slots (default: as many as fit in a quarter of the device's memory,
+    at most 64). `max_length`: the most tokens (prompt + new) a request may hold (default:
+    max_position_embeddings). `steps_per_call`: decode steps per host round trip.
+    `prefill_batch`: prompts prefilled together. `prefill_chunk`: longer prompts are prefilled
+    this many tokens per round. `max_queue`: requests waiting before `submit` blocks."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        steps_per_call: int = 8,
+        prefill_batch: int = 4,
+        prefill_chunk: int = 256,
+        max_queue: int = 1024,
+    ):
+        config = model.config
+        self.model, self.config = model, config
+        self.max_length = int(max_length or config.max_position_embeddings)
+        if not 0 < self.max_length <= config.max_position_embeddings:
+            raise GenerationError(
+                f"max_length {self.max_length} must lie in [1, {config.max_position_embeddings}] (max_position_embeddings)"
+            )
+        for name, value in (("steps_per_call", steps_per_call), ("prefill_batch", prefill_batch),
+                            ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)):  # fmt: skip
+            if not isinstance(value, int) or value < 1:
+                raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+        self.graphdef, self.state = nnx.split(model)
+        self.mesh = sharding.mesh_of(self.state)
+        ways = sharding.batch_ways(self.mesh)
+        dtype = model.model.embeddings.tok_embeddings.dtype
+        self.slot_bytes = _slot_bytes(config, self.max_length, dtype)
+        batch = max_batch_size or default_batch_size(self.slot_bytes)
+        self.batch = -(-batch // ways) * ways
+        self.steps_per_call, self.prefill_batch = steps_per_call, prefill_batch
+        self.prefill_chunk = bucket(prefill_chunk)
+        self.max_queue = max_queue
+        with sharding.activate(self.mesh):
+            kernel = _output_kernel(model, self.graphdef, self.state)
+            self.kernel = _output_kernel_program(self.graphdef, self.state) if kernel is None else kernel
+        self.slots = self._place(_empty_slots(config, self.batch, self.max_length, dtype))
+        self.requests: list[Request | None] = [None] * self.batch  # by slot
+        self.queue: collections.deque[Request] = collections.deque()
+        self.prefilling: _Prefilling | None = None
+        self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"rounds": 0, "slot_steps": 0, "useful_steps": 0, "tokens": 0, "requests": 0,
+                      "host_s": 0.0, "device_s": 0.0, "prefill_s": 0.0}  # fmt: skip
+
+    def _place(self, tree: Any) -> Any:
+        """Slot arrays split over the mesh's batch axes (rows), or as they are without a mesh."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(
+            lambda x: sharding.put(x, sharding.batch_sharding(self.mesh, np.ndim(x), size=np.shape(x)[0])), tree
+        )
+
+    # ---- submitting -----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        generation_config: GenerationConfig | None = None,
+        *,
+        on_token: Callable[[int], None] | None = None,
+        **kwargs: Any,
+    ) -> Request:
+        """Queues a request: `prompt` token ids, and `generate`'s arguments. A request that cannot
+        run (empty, too long, ids outside the vocabulary, a bad argument) comes back ended, with
+        its `error`; the others are not affected. A full queue blocks until there is room."""
+        request = Request(self, [int(t) for t in prompt], GenerationConfig(), on_token)
+        try:
+            config = (generation_config or GenerationConfig()).replace(**kwargs)
+            request.config = config
+            if config.num_return_sequences != 1:
+                raise GenerationError("the engine serves one sequence per request; submit the prompt again")
+            check_prompts([request.prompt], self.config.vocab_size)
+            request.limits = resolve(self.config, config, len(request.prompt), self.max_length)
+            if len(request.limits.eos) > MAX_STOP_TOKENS:
+                raise GenerationError(f"at most {MAX_STOP_TOKENS} stop token ids, got {len(request.limits.eos)}")
+        except GenerationError as e:
+            with self._lock:
+                request._finish(None, str(e))
+            return request
+        if request.limits.max_new == 0:
+            with self._lock:
+                request._finish("length")
+            return request
+        with self._lock:
+            while len(self.queue) >= self.max_queue:
+                if self._thread is None:
+                    self.step()  # no thread drives the engine: make room ourselves
+                else:
+                    self._room.wait()
+            self.queue.append(request)
+            self.stats["requests"] += 1
+            self._room.notify_all()
+        return request
+
+    # ---- one round ------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One round: admit, decode `steps_per_call` steps, hand out tokens. False when idle."""
+        with self._lock:
+            start = time.perf_counter()
+            self._drop_cancelled()
+            admitted = self._admit()
+            busy = any(r is not None for r in self.requests)
+            if not busy:
+                self.stats["host_s"] += time.perf_counter() - start
+                return admitted or bool(self.queue) or self.prefilling is not None
+            flags = self._flags()
+            before = time.perf_counter()
+            with sharding.activate(self.mesh):
+                self.slots, tokens, emitted = _decode_program(
+                    self.graphdef, self.state, self.kernel, self.slots, steps=self.steps_per_call, flags=flags
+                )
+                tokens, emitted, active = (
+                    sharding.to_host(tokens),
+                    sharding.to_host(emitted),
+                    sharding.to_host(self.slots.active),
+                )
+            after = time.perf_counter()
+            self.stats["device_s"] += after - before
+            self.stats["rounds"] += 1
+            self.stats["slot_steps"] += self.batch * self.steps_per_call
+            self.stats["useful_steps"] += int(emitted.sum())
+            for slot, request in enumerate(self.requests):
+                if request is None:
+                    continue
+                new = tokens[emitted[:, slot], slot].tolist()
+                self.stats["tokens"] += len(new)
+                request._emit(new)
+                if not active[slot]:
+                    self._end(slot, "stop" if new and new[-1] in request.limits.eos else "length")
+            self.stats["host_s"] += time.perf_counter() - start - (after - before)
+            return True
+
+    def _end(self, slot: int, reason: str) -> None:
+        self.requests[slot]._finish(reason)
+        self.requests[slot] = None
+        self._room.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        for slot, request in enumerate(self.requests):
+            if request is not None and request._cancelled:
+                self.slots = self.slots.replace(active=self.slots.active.at[slot].set(False))
+                self._end(slot, "cancelled")
+        for request in [r for r in self.queue if r._cancelled]:
+            self.queue.remove(request)
+            request._finish("cancelled")
+        if self.prefilling is not None and self.prefilling.request._cancelled:
+            self.prefilling.request._finish("cancelled")
+            self.prefilling = None
+
+    def _flags(self) -> tuple[bool, ...]:
+        """Which logits processors the live requests use (any of them): part of the program."""
+        flags = [False] * 6
+        for request in self.requests:
+            if request is not None:
+                flags = [a or b for a, b in zip(flags, request.config.static(), strict=True)]
+        return tuple(flags)
+
+    def _free_slots(self) -> list[int]:
+        taken = {self.prefilling.slot} if self.prefilling is not None else set()
+        return [s for s, r in enumerate(self.requests) if r is None and s not in taken]
+
+    def _admit(self) -> bool:
+        """Prefills queued requests into free slots; True if any was admitted or advanced."""
+        started = time.perf_counter()
+        moved = False
+        if self.prefilling is not None:
+            moved = self._advance_chunked()
+        while self.queue:
+            free = self._free_slots()
+            if not free:
+                break
+            if len(self.queue[0].prompt) > self.prefill_chunk:
+                if self.prefilling is not None:
+                    break  # one long prompt at a time; it goes on next round
+                self._start_chunked(self.queue.popleft(), free[0])
+                moved = True
+                continue
+            group = []
+            while self.queue and len(group) < min(self.prefill_batch, len(free)):
+                if len(self.queue[0].prompt) > self.prefill_chunk:
+                    break
+                group.append(self.queue.popleft())
+            self._prefill(group, free[: len(group)])
+            moved = True
+        self._room.notify_all()
+        self.stats["prefill_s"] += time.perf_counter() - started
+        return moved
+
+    def _params(self, requests: Sequence[Request | None]) -> Params:
+        """The `Params` rows of `requests` (None: a filler row)."""
+        rows = []
+        for r in requests:
+            c = r.config if r is not None else GenerationConfig()
+            limits = r.limits if r is not None else None
+            stop = list(limits.eos if limits else ())
+            rows.append((
+                limits.max_new if limits else 1, c.min_new_tokens, c.do_sample, c.temperature, c.top_k or 0,
+                1.0 if c.top_p is None else c.top_p, c.min_p or 0.0, c.repetition_penalty or 1.0,
+                np.asarray(jax.random.key_data(jax.random.key(c.seed))), stop + [-1] * (MAX_STOP_TOKENS - len(stop)),
+            ))  # fmt: skip
+        columns = list(zip(*rows, strict=True))
+        dtypes = (
+            np.int32,
+            np.int32,
+            bool,
+            np.float32,
+            np.int32,
+            np.float32,
+            np.float32,
+            np.float32,
+            np.uint32,
+            np.int32,
+        )
+        return Params(*(np.asarray(col, dtype) for col, dtype in zip(columns, dtypes, strict=True)))
+
+    def _after_prefill(self, requests: Sequence[Request], slots: Sequence[int], first, stopped) -> None:
+        first, stopped = sharding.to_host(first), sharding.to_host(stopped)
+        for i, (request, slot) in enumerate(zip(requests, slots, strict=False)):
+            token = int(first[i])
+            request._emit([token])
+            self.stats["tokens"] += 1
+            if stopped[i]:
+                request._finish("stop" if token in request.limits.eos else "length")
+            else:
+                self.requests[slot] = request
+
+    def _prefill(self, group: list[Request], slots: list[int]) -> None:
+        width = bucket(max(len(r.prompt) for r in group), maximum=self.prefill_chunk)
+        rows = self.prefill_batch
+        ids = np.zeros((rows, width), np.int32)
+        valid = np.zeros((rows, width), bool)
+        for i, request in enumerate(group):
+            ids[i, width - len(request.prompt) :] = request.prompt
+            valid[i, width - len(request.prompt) :] = True
+        valid[len(group) :, -1] = True  # filler rows: one token, written nowhere
+        targets = np.full((rows,), self.batch, np.int32)  # out of range: dropped
+        targets[: len(group)] = slots
+        params = self._params([*group, *([None] * (rows - len(group)))])
+        flags = tuple(any(f) for f in zip(*(r.config.static() for r in group), strict=True))
+        with sharding.activate(self.mesh):
+            self.slots, first, stopped = _prefill_program(
+                self.graphdef, self.state, self.kernel, self.slots, targets, ids, valid, params, flags=flags
+            )
+        self._after_prefill(group, slots, first, stopped)
+
+    def _start_chunked(self, request: Request, slot: int) -> None:
+        chunk = self.prefill_chunk
+        width = -(-len(request.prompt) // chunk) * chunk
+        ids = np.zeros((1, width), np.int32)
+        valid = np.zeros((1, width), bool)
+        ids[0, width - len(request.prompt) :] = request.prompt
+        valid[0, width - len(request.prompt) :] = True
+        positions = np.where(valid, np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
+        dtype = self.slots.cache.layers[0].k.dtype
+        cache = init_cache(self.config, 1, self.max_length, dtype)
+        self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions)
+        self._advance_chunked()
+
+    def _advance_chunked(self) -> bool:
+        """The next chunk of the long prompt being prefilled; its last one writes it into its slot."""
+        p, chunk = self.prefilling, self.prefill_chunk
+        part = slice(p.done_chunks * chunk, (p.done_chunks + 1) * chunk)
+        ids, valid, positions = p.ids[:, part], p.valid[:, part], p.positions[:, part]
+        with sharding.activate(self.mesh):
+            if part.stop < p.ids.shape[1]:
+                p.cache = _chunk_program(self.graphdef, self.state, p.cache, ids, valid, positions)
+                p.done_chunks += 1
+                return True
+            flags = p.request.config.static()
+            self.slots, first, stopped = _chunk_finish_program(
+                self.graphdef, self.state, self.kernel, self.slots, np.asarray([p.slot], np.int32), p.cache, p.ids,
+                p.valid, ids, valid, positions, self._params([p.request]), flags=flags,
+            )  # fmt: skip
+        self.prefilling = None
+        self._after_prefill([p.request], [p.slot], first, stopped)
+        return True
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self) -> None:
+        """Rounds until every submitted request has ended."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Runs the rounds in a background thread (a server's), until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="ettin-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stop:
+                    return
+                idle = not self.step()
+                if idle:
+                    self._room.wait(timeout=0.05)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._room.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def utilisation(self) -> float:
+        """Slot-steps that made a token of a request, over all slot-steps decoded."""
+        return self.stats["useful_steps"] / max(self.stats["slot_steps"], 1)
+
+
+def _empty_slots(config, batch: int, length: int, dtype) -> Slots:
+    """Every slot free. Each field its own buffer: the programs donate (reuse) them all."""
+    cache = init_cache(config, batch, length, dtype)
+
+    def full(value, dtype, shape=(batch,)) -> Array:
+        return jnp.full(shape, value, dtype)
+
+    params = Params(
+        max_new=full(0, jnp.int32), min_new=full(0, jnp.int32), sample=full(False, bool),
+        temperature=full(1, jnp.float32), top_k=full(0, jnp.int32), top_p=full(1, jnp.float32),
+        min_p=full(0, jnp.float32), penalty=full(1, jnp.float32), key=full(0, jnp.uint32, (batch, 2)),
+        stop=full(-1, jnp.int32, (batch, MAX_STOP_TOKENS)),
+    )  # fmt: skip
+    return Slots(
+        cache=Cache(cache.layers, full(0, jnp.int32)), tokens=full(0, jnp.int32), positions=full(0, jnp.int32),
+        generated=full(0, jnp.int32), active=full(False, bool), seen=full(False, bool, (batch, config.vocab_size)),
+        params=params,
+    )  # fmt: skip
+
+
+def _slot_bytes(config, length: int, dtype) -> int:
+    """KV-cache bytes of one slot: a region of `length` tokens on global layers, a window's ring
+    on sliding ones, keys and values."""
+    per_token = 2 * config.num_attention_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    slots = sum(min(length, config.sliding_window) if config.is_sliding(i) else length
+                for i in range(config.num_hidden_layers))  # fmt: skip
+    return slots * per_token
+
+
+def default_batch_size(slot_bytes: int) -> int:
+    """As many slots as a quarter of the device's memory holds, at least 1, at most 64."""
+    stats = jax.devices()[0].memory_stats() or {}
+    budget = stats.get("bytes_limit", 4 * DEFAULT_MEMORY) // 4
+    return int(max(1, min(64, budget // max(slot_bytes, 1))))
+
+
+def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:
+    """Each request's new tokens, in input order, through its stop token or `max_new_tokens`.
+    `kwargs` are `generate`'s; `max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p` and
+    `seed` may each be a list with one value per request. Engine settings (`max_batch_size`,
+    `steps_per_call`, ...) may be given too. Requests that cannot run are an error that names
+    each, before any work."""
+    engine_args = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENGINE_ARGS}
+    per_request = {k: kwargs.pop(k) for k in list(kwargs) if k in _PER_REQUEST and isinstance(kwargs[k], (list, tuple))}
+    inputs = [[int(t) for t in p] for p in inputs]
+    if not inputs:
+        raise GenerationError("no prompts given")
+    for name, values in per_request.items():
+        if len(values) != len(inputs):
+            raise GenerationError(f"{name} has {len(values)} values for {len(inputs)} requests")
+    configs, bad, longest = [], [], 1
+    for i, prompt in enumerate(inputs):
+        try:
+            config = GenerationConfig().replace(**kwargs, **{k: v[i] for k, v in per_request.items()})
+            check_prompts([prompt], model.config.vocab_size)
+            longest = max(longest, len(prompt) + resolve(model.config, config, len(prompt)).max_new)
+            configs.append(config)
+        except GenerationError as e:
+            bad.append(f"request {i}: {str(e).replace('prompt 0 ', 'the prompt ')}")
+    if bad:
+        raise GenerationError("; ".join(bad))
+    engine_args.setdefault("max_length", min(model.config.max_position_embeddings, bucket(longest)))
+    engine_args.setdefault("max_queue", len(inputs))
+    engine = Engine(model, **engine_args)
+    requests = [engine.submit(p, c) for p, c in zip(inputs, configs, strict=True)]
+    engine.run()
+    errors = [f"request {i}: {r.error}" for i, r in enumerate(requests) if r.error]
+    if errors:
+        raise GenerationError("; ".join(errors))
+    return [r.tokens for r in requests]
+
+
+_ENGINE_ARGS = ("max_batch_size", "max_length", "steps_per_call", "prefill_batch", "prefill_chunk", "max_queue")
+_PER_REQUEST = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
