@@ -5,15 +5,18 @@ call (median of `--repeats`), so that a slow spell on a shared machine hits both
 | tuning | where | A/B on |
 | --- | --- | --- |
 | XLA:CPU options (`compilation.TunedJit`) | every jitted program | greedy generate, LM train step |
+| `compilation.gradient_fence` | each decoder layer | LM and classifier train steps |
 | kept output kernel (`generation._output_kernel`) | generate | greedy generate |
 | `compilation.keep_host_memory` | the train command | LM train step, in fresh processes |
 
     python benchmarks/tuning.py            # everything, 17m shape
     python benchmarks/tuning.py --record   # and append the table to RESULTS.md
 
-`compilation.gradient_fence` (a barrier on the residual stream's gradient in each layer) and
-fused q/k/v decode projections were removed after such an A/B found no gain (RESULTS.md,
-2026-11-30); `git show` the commit that removed them to measure them again.
+Fused q/k/v decode projections were removed after such an A/B found no gain (RESULTS.md,
+2026-11-30).
+
+Each side of a pair is its own Python function: JAX caches a function's trace across `jit`
+objects, so two jits of one function would run the same program whatever was patched between.
 """
 
 from __future__ import annotations
@@ -73,8 +76,6 @@ def ab_cpu_options(size: str, repeats: int) -> list[tuple[str, str, float, float
     from flax import nnx
 
     import ettin_jax as ej
-    from ettin_jax import compilation
-    from ettin_jax.train import steps
 
     rows = []
     model = ej.ModernBertDecoderForCausalLM(ej.ModernBertDecoderConfig.ettin(size), rngs=nnx.Rngs(0))
@@ -91,13 +92,39 @@ def ab_cpu_options(size: str, repeats: int) -> list[tuple[str, str, float, float
         t = measure_alternating({"on": lambda: run(True), "off": lambda: run(False)}, repeats, settle=0.2)
         rows.append(("XLA:CPU options", f"generate {size} batch {batch}, 32 + 128 tokens", t["on"], t["off"]))
     make_state, batch = train_state(size, "lm")
-    tuned = compilation.jit(steps._train_step, donate_argnums=(0,))
-    plain = compilation.jit(steps._train_step, donate_argnums=(0,))
+    tuned, plain = _own_step(), _own_step()
     plain._chosen = plain._plain
     t = measure_alternating(
         {"on": step_runner(make_state, batch, tuned), "off": step_runner(make_state, batch, plain)}, repeats, 0.2
     )
     rows.append(("XLA:CPU options", f"LM train step {size}, {BATCH}x{LENGTH}", t["on"], t["off"]))
+    return rows
+
+
+def _own_step():
+    """A jitted train step of its own (see the module docstring)."""
+    from ettin_jax import compilation
+    from ettin_jax.train import steps
+
+    return compilation.jit(lambda state, batch, rng: steps._train_step(state, batch, rng), donate_argnums=(0,))
+
+
+def ab_gradient_fence(size: str, repeats: int) -> list[tuple[str, str, float, float]]:
+    from ettin_jax import modeling
+
+    rows = []
+    for task in ("lm", "classify"):
+        make_state, batch = train_state(size, task)
+        fenced, bare = step_runner(make_state, batch, _own_step()), step_runner(make_state, batch, _own_step())
+        fenced()  # traced with the fence
+        saved = modeling.gradient_fence
+        modeling.gradient_fence = lambda x: x
+        try:
+            bare()  # traced without it; later calls reuse that program
+        finally:
+            modeling.gradient_fence = saved
+        t = measure_alternating({"on": fenced, "off": bare}, repeats, settle=0.2)
+        rows.append(("gradient_fence", f"{task} train step {size}, {BATCH}x{LENGTH}", t["on"], t["off"]))
     return rows
 
 
@@ -157,6 +184,7 @@ def ab_keep_host_memory(size: str, repeats: int) -> list[tuple[str, str, float, 
 
 PARTS = {
     "cpu_options": ab_cpu_options,
+    "gradient_fence": ab_gradient_fence,
     "kept_kernel": ab_kept_kernel,
     "keep_host_memory": ab_keep_host_memory,
 }

@@ -1,9 +1,9 @@
 """XLA:CPU tuning, the only CPU-specific code of the library: `jit` with options that make this
-model's programs faster on CPU, and `keep_host_memory`, which stops glibc from handing XLA:CPU
-fresh pages at every step. Each stays because `benchmarks/tuning.py` shows it earns at least 10%
-on the program it targets (benchmarks/RESULTS.md, 2026-11-30: the options 1.10x to 1.19x on
-generate and the train step, keep_host_memory 1.31x on the train step). Neither reaches a GPU or
-TPU program: the choice follows `platforms.compile_platform`, the mesh's platform.
+model's programs faster on CPU, `gradient_fence`, which keeps XLA:CPU from recomputing the
+residual stream's gradient, and `keep_host_memory`, which stops glibc from handing XLA:CPU fresh
+pages at every step. Each stays because `benchmarks/tuning.py` shows it earns at least 10% on the
+program it targets (benchmarks/RESULTS.md, 2026-11-30). None reaches a GPU or TPU program: the
+choice follows `platforms.compile_platform`, the mesh's platform.
 
 XLA:CPU hands matmuls, and the elementwise and reduction fusions around them, to YNNPACK by
 default. For this model that is slower than XLA's own loops and Eigen's matmuls. In A/B runs
@@ -78,6 +78,45 @@ def jit(fn: Any = None, **jit_kwargs: Any) -> Any:
     if fn is None:
         return functools.partial(jit, **jit_kwargs)
     return TunedJit(fn, **jit_kwargs)
+
+
+# ---- gradient_fence ---------------------------------------------------------------------------
+@jax.custom_vjp
+def _fence(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _fence_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _fence_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    # Both branches return g (JAX would merge two identical branches, hence `* 1`); the
+    # predicate (false only for a NaN) is data, so XLA can neither fold the conditional away nor
+    # fuse elementwise work across it. (An optimization_barrier would not do: XLA:CPU expands
+    # barriers before fusion.)
+    probe = g.reshape(-1)[0]
+    return (jax.lax.cond(probe == probe, lambda t: t, lambda t: t * 1, g),)
+
+
+_fence.defvjp(_fence_fwd, _fence_bwd)
+
+
+def gradient_fence(x: jax.Array) -> jax.Array:
+    """`x` unchanged, forward and backward; on CPU its gradient is computed in full before
+    anything that uses it.
+
+    Why: in the backward pass the gradient of the residual stream is a chain of sums through
+    every layer's LayerNorm backward, all elementwise. XLA:CPU fuses that chain into each of its
+    consumers, notably the transposed copy that feeds a weight-gradient matmul, so the copy at
+    layer k recomputes the chain of every layer above it: quadratic in depth. For the 17m shape
+    at 16x128 such copies took 0.69 s of a 2.1 s gradient. A fence on each layer's input and
+    after its attention residual (`DecoderLayer`) made the classifier train step 1.3x faster and
+    the causal-LM step 1.1x (in-process A/B, same params to the bit after 6 steps; against
+    PyTorch, benchmarks/train.py went from 0.64x to 0.80x and from 1.03x to 1.19x). Off CPU it
+    is the identity: GPU and TPU fuse differently, and a conditional can cost a device-to-host
+    sync on GPU."""
+    return _fence(x) if on_cpu() else x
 
 
 # ---- keep_host_memory -------------------------------------------------------------------------

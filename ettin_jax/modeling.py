@@ -29,6 +29,7 @@ from flax import nnx
 from ettin_jax import engine
 from ettin_jax.attention import AttentionError, MaskSpec, attend, cached_attention, take_rows, xla_attention
 from ettin_jax.cache import Cache, LayerCache
+from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.generation import GenerationMixin
 from ettin_jax.inputs import InputError, check_inputs, concrete
@@ -263,11 +264,12 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[Array, LayerCache | None, Array | None]:
         """x (B, T, D) -> (B, T, D), or with `inputs.rows` (B, Q) the tokens at those sequence
         indices only, (B, Q, D); the updated cache and the attention probabilities."""
+        x = gradient_fence(x)  # the identity; see its docstring
         h = x if self.attn_norm is None else self.attn_norm(x)
         attn, cache, probs = self.attn(h, inputs, cache)
         if inputs.rows is not None:
             x = take_rows(x, inputs.rows)
-        x = x + attn
+        x = gradient_fence(x + attn)
         return constrain(x + self.mlp(self.mlp_norm(x), inputs.deterministic), "hidden"), cache, probs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,45 @@ def test_the_library_programs_are_tuned(program):
     assert isinstance(program, compilation.TunedJit)
 
 
+# ---- gradient_fence -------------------------------------------------------------------------
+def test_gradient_fence_is_the_identity_forward_and_backward():
+    x = jnp.array([1.0, -2.0, 0.5])
+    f = lambda x: jnp.sum(jnp.sin(compilation.gradient_fence(x * 3.0)))  # noqa: E731
+    assert f(x) == jnp.sum(jnp.sin(x * 3.0))
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), 3.0 * jnp.cos(x * 3.0))
+    # A NaN in the cotangent (the conditional's other branch) passes through unchanged too.
+    g = jax.jit(jax.grad(lambda x: jnp.sum(compilation.gradient_fence(x) * jnp.array([jnp.nan, 2.0, 3.0]))))(x)
+    assert np.isnan(g[0]) and g[1:].tolist() == [2.0, 3.0]
+
+
+def _largest_fusion(hlo: str) -> int:
+    """The most operands any fusion of a compiled program takes."""
+    return max(len(re.findall(r"%[\w.-]+", m)) for m in re.findall(r"= \S+ fusion\(([^)]*)\)", hlo))
+
+
+def test_the_train_backward_does_not_recompute_the_residual_chain(monkeypatch):
+    """Without the fences XLA:CPU fuses the residual stream's gradient chain, through every
+    layer above, into each weight gradient's transposed copy: fusions grow with depth."""
+    config = ej.ModernBertDecoderConfig(**{**TINY, "num_hidden_layers": 8})
+    model = ej.ModernBertDecoderForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jnp.asarray(np.arange(4 * 16).reshape(4, 16) % config.vocab_size, jnp.int32)
+
+    def loss(params):
+        return nnx.merge(graphdef, params, rest)(ids).logits.astype(jnp.float32).std()
+
+    def largest() -> int:
+        return _largest_fusion(
+            jax.jit(jax.grad(loss), compiler_options=compilation.CPU_OPTIONS).lower(params).compile().as_text()
+        )
+
+    fenced = largest()
+    monkeypatch.setattr("ettin_jax.modeling.gradient_fence", lambda x: x)
+    unfenced = largest()
+    assert unfenced > 40, unfenced  # the positive control: the chain is there to be cut
+    assert fenced < 20 < unfenced, (fenced, unfenced)
+
+
 _FAULTS_SCRIPT = """
 import resource, sys
 from ettin_jax import compilation
@@ -130,8 +170,9 @@ def test_keep_host_memory_stops_the_page_faults_of_each_step():
 
 def test_cpu_tuning_never_reaches_a_tpu_program():
     """Platform choices follow the mesh being compiled for: under a TPU topology's mesh on this
-    CPU host (as benchmarks/tpu_aot.py compiles), the jit drops the XLA:CPU options and
-    generation derives its output kernel in the program instead of keeping a CPU copy."""
+    CPU host (as benchmarks/tpu_aot.py compiles), the jit drops the XLA:CPU options, generation
+    derives its output kernel in the program instead of keeping a CPU copy, and the 1b train
+    step holds no gradient fence (its backward is a `cond`), which the CPU's step has."""
     from ettin_jax import platforms, sharding
 
     try:
@@ -150,3 +191,38 @@ def test_cpu_tuning_never_reaches_a_tpu_program():
         assert generation._output_kernel(model, *nnx.split(model)) is None
         for_tpu(*_xy())
         assert for_tpu._chosen is for_tpu._plain
+    config = ej.ModernBertDecoderConfig.ettin("1b", attention_impl="xla")
+    assert "cond" not in _primitives(_train_step_jaxpr(config, tpu))
+    assert "cond" in _primitives(_train_step_jaxpr(ej.ModernBertDecoderConfig(**TINY)))  # the positive control
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive of a jaxpr, those of its sub-jaxprs (scans, remat, custom rules) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def _train_step_jaxpr(config: ej.ModernBertDecoderConfig, mesh=None):
+    """The causal LM's train step traced abstractly (no weights are made), under `mesh` if given."""
+    from ettin_jax.train.optim import OptimizerConfig, make_optimizer
+
+    model = nnx.eval_shape(lambda: ej.ModernBertDecoderForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    model.model.remat = True
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-4))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    state = steps.TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params), key, rest, graphdef, tx,
+        "causal_lm",
+    )  # fmt: skip
+    tokens = jax.ShapeDtypeStruct((1, 8, 64), jnp.int32)
+    batch = {"input_ids": tokens, "attention_mask": tokens, "labels": tokens}
+    if mesh is None:
+        return jax.make_jaxpr(steps._train_step)(state, batch, key).jaxpr
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.make_jaxpr(steps._train_step)(state, batch, key).jaxpr
