@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import socket
 import time
 from typing import Any
@@ -133,3 +134,33 @@ def barrier(name: str) -> None:
 def is_primary() -> bool:
     """True in the process that writes shared files (process 0)."""
     return jax.process_index() == 0
+
+
+class Preemption:
+    """SIGTERM (a pod's preemption notice) as a flag that a loop reads between steps, so that it
+    stops at a step boundary with its work saved. The handler is set only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> Preemption:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, together: bool = True) -> bool:
+        """Whether to stop. `together`: processes that run one program stop at the same step, so
+        any process's signal stops them all (a collective: every process must call it)."""
+        if not together or jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

@@ -466,17 +466,18 @@ class Engine:
             free = self._free_slots()
             if not free:
                 break
-            if len(self.queue[0].prompt) > self.prefill_chunk:
-                if self.prefilling is not None:
-                    break  # one long prompt at a time; it goes on next round
-                self._start_chunked(self.queue.popleft(), free[0])
+            long = next((r for r in self.queue if len(r.prompt) > self.prefill_chunk), None)
+            if long is not None and self.prefilling is None:  # one long prompt at a time, a chunk per round
+                self.queue.remove(long)
+                self._start_chunked(long, free[0])
                 moved = True
                 continue
-            group = []
-            while self.queue and len(group) < min(self.prefill_batch, len(free)):
-                if len(self.queue[0].prompt) > self.prefill_chunk:
-                    break
-                group.append(self.queue.popleft())
+            # Short prompts in queue order; a long one waiting for its turn does not hold them up.
+            group = [r for r in self.queue if len(r.prompt) <= self.prefill_chunk][: min(self.prefill_batch, len(free))]
+            if not group:
+                break
+            for request in group:
+                self.queue.remove(request)
             self._prefill(group, free[: len(group)])
             moved = True
         self._room.notify_all()
@@ -639,7 +640,7 @@ def _slot_bytes(config, length: int, dtype) -> int:
 
 def default_batch_size(slot_bytes: int) -> int:
     """As many slots as a quarter of the device's memory holds, at least 1, at most 64."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     budget = stats.get("bytes_limit", 4 * DEFAULT_MEMORY) // 4
     return int(max(1, min(64, budget // max(slot_bytes, 1))))
 
@@ -671,6 +672,10 @@ def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -
         raise GenerationError("; ".join(bad))
     engine_args.setdefault("max_length", min(model.config.max_position_embeddings, bucket(longest)))
     engine_args.setdefault("max_queue", len(inputs))
+    if engine_args.get("max_batch_size") is None:  # no more slots than requests (a power of two)
+        dtype = model.model.embeddings.tok_embeddings.dtype
+        slot_bytes = _slot_bytes(model.config, engine_args["max_length"], dtype)
+        engine_args["max_batch_size"] = min(default_batch_size(slot_bytes), bucket(len(inputs), 1))
     engine = Engine(model, **engine_args)
     requests = [engine.submit(p, c) for p, c in zip(inputs, configs, strict=True)]
     engine.run()

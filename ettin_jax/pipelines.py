@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ettin_jax import compilation, convert, default_model
+from ettin_jax.generation import GenerationConfig, resolve
 from ettin_jax.inputs import check_inputs
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
 from ettin_jax.padding import left_pad, with_bos
@@ -32,6 +33,13 @@ def _load_tokenizer(directory: str) -> Any:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # transformers raises several types for a missing tokenizer
         raise OSError(f"no tokenizer could be loaded from {directory}: {e}") from e
+
+
+def sample_seed(seed: int, prompt: int, sequence: int, sequences: int) -> int:
+    """The seed of the `sequence`-th of `sequences` samples of the `prompt`-th prompt (from 0):
+    each sample its own, and the same whichever batch, slot, round or process makes it (the
+    engine keys a request's randomness on its seed alone)."""
+    return seed + prompt * sequences + sequence
 
 
 class TextGenerationPipeline:
@@ -51,40 +59,62 @@ class TextGenerationPipeline:
                 return ids[: i + 1]
         return ids
 
+    def sampling(self, **generate_kwargs: Any) -> tuple[GenerationConfig, int]:
+        """`generate`'s arguments as the config of one request (one sequence), and how many
+        sequences each prompt asks for (`num_return_sequences`); what every prompt shares is
+        checked here, once."""
+        config = GenerationConfig().replace(**generate_kwargs)
+        resolve(self.model.config, config, 1)
+        return config.replace(num_return_sequences=1), config.num_return_sequences
+
+    def record(
+        self, text: str, tokens: Sequence[int], *, return_full_text: bool = True, return_tensors: bool = False
+    ) -> dict[str, Any]:
+        """One result: {"generated_text": ...}, and "generated_token_ids" with `return_tensors`."""
+        completion = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        record: dict[str, Any] = {"generated_text": (text if return_full_text else "") + completion}
+        if return_tensors:
+            record["generated_token_ids"] = list(tokens)
+        return record
+
     def __call__(
         self,
         inputs: str | Sequence[str],
         *,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         return_full_text: bool = True,
         return_tensors: bool = False,
         **generate_kwargs: Any,
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """A string gives [{"generated_text": ...}] (one per return sequence); a list of
         strings gives one such list per string. `return_tensors=True` adds
-        "generated_token_ids", the new tokens."""
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else list(inputs)
-        n = generate_kwargs.get("num_return_sequences", 1)
-        results: list[list[dict[str, str]]] = []
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
-            prompts = [self.encode(text) for text in chunk]
-            out = self.model.generate(prompts, **generate_kwargs)
-            width = max(map(len, prompts))
-            for i, text in enumerate(chunk):
-                records = []
-                for row in out[i * n : (i + 1) * n, width:]:
-                    tokens = self.new_tokens(row)
-                    record: dict[str, Any] = {
-                        "generated_text": (text if return_full_text else "")
-                        + self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    }
-                    if return_tensors:
-                        record["generated_token_ids"] = tokens
-                    records.append(record)
-                results.append(records)
-        return results[0] if single else results
+        "generated_token_ids", the new tokens (through EOS).
+
+        A string runs `model.generate`; a list runs the continuous-batching engine
+        (`model.generate_batch`) on `batch_size` decode slots (default: what the KV cache's
+        memory allows). There each sample is a request of its own, with the seed
+        `sample_seed(seed, prompt, sequence, num_return_sequences)`: a prompt's samples do not
+        depend on the other prompts in the list."""
+        options = {"return_full_text": return_full_text, "return_tensors": return_tensors}
+        if isinstance(inputs, str):
+            prompt = self.encode(inputs)
+            out = self.model.generate([prompt], **generate_kwargs)
+            return [self.record(inputs, self.new_tokens(row), **options) for row in out[:, len(prompt) :]]
+        texts = list(inputs)
+        if not texts:
+            return []
+        config, copies = self.sampling(**generate_kwargs)
+        prompts = [self.encode(text) for text in texts]
+        seeds = [sample_seed(config.seed, i, j, copies) for i in range(len(texts)) for j in range(copies)]
+        kwargs = {k: v for k, v in generate_kwargs.items() if k != "num_return_sequences"}
+        engine_args = {} if batch_size is None else {"max_batch_size": batch_size}
+        tokens = self.model.generate_batch(
+            [p for p in prompts for _ in range(copies)], **{**kwargs, "seed": seeds}, **engine_args
+        )
+        return [
+            [self.record(text, tokens[i * copies + j], **options) for j in range(copies)]
+            for i, text in enumerate(texts)
+        ]
 
     def stream(self, text: str, **generate_kwargs: Any) -> Iterator[str]:
         """Yields the completion of one prompt piece by piece as tokens are made."""

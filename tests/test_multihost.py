@@ -122,13 +122,20 @@ def test_batch_generation_across_two_processes_equals_one_process(workdir):
         cwd=workdir,
     )
     _ok(multi)
+    # Without a mesh, each process serves every other prompt on a whole model of its own, into a
+    # part file; process 0 merges the parts.
+    shared = launch(*[[*common, "--output-file", "shared.jsonl"]] * 2, cwd=workdir)
+    _ok(shared)
     reference = single([*common, "--output-file", "single.jsonl"], cwd=workdir)
     assert reference.returncode == 0, reference.stderr[-3000:]
     merged = (workdir / "multi.jsonl").read_text()
-    assert merged == (workdir / "single.jsonl").read_text()
+    assert merged == (workdir / "single.jsonl").read_text() == (workdir / "shared.jsonl").read_text()
     assert len(merged.splitlines()) == 11
+    assert not list(workdir.glob("shared.jsonl.part-*"))
+    assert "process 0: 6 prompts" in shared[0].stderr and "process 1: 5 prompts" in shared[1].stderr
     # Only process 0 writes and reports.
-    assert "wrote 11 results" in multi[0].stderr and "wrote" not in multi[1].stderr
+    for results in (multi, shared):
+        assert "wrote 11 results" in results[0].stderr and "wrote" not in results[1].stderr
     # No host read the whole model: each read about half of the checkpoint.
     for i, r in enumerate(multi):
         read, total = map(int, re.search(r"read (\d+) of the checkpoint's (\d+) bytes", r.stderr).groups())

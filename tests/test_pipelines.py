@@ -52,6 +52,19 @@ def test_generated_text_decodes_the_generated_tokens(generator):
     assert generator("Once", max_new_tokens=8, return_full_text=False)[0]["generated_text"] == expected[4:]
 
 
+def test_a_list_runs_on_the_engine_and_each_sample_keeps_its_seed(generator):
+    texts = ["The cat", "a", "dogs"]
+    greedy = generator(texts, max_new_tokens=6, return_tensors=True, batch_size=2)
+    assert [rows[0] for rows in greedy] == [generator(t, max_new_tokens=6, return_tensors=True)[0] for t in texts]
+    kwargs = dict(max_new_tokens=6, do_sample=True, return_tensors=True)
+    sampled = generator(texts, num_return_sequences=2, seed=3, batch_size=2, **kwargs)
+    for i, text in enumerate(texts):
+        for j, record in enumerate(sampled[i]):
+            alone = generator([text], seed=pipelines.sample_seed(3, i, j, 2), batch_size=2, **kwargs)[0][0]
+            assert record == alone  # the same request, run without the others
+    assert sampled[1][0] != sampled[1][1]
+
+
 def test_stream_pieces_add_up_to_the_completion(generator):
     full = generator("Hi there", max_new_tokens=10)[0]["generated_text"]
     pieces = list(generator.stream("Hi there", max_new_tokens=10))

@@ -32,7 +32,7 @@ def run_block(lang: str, code: str, cwd: Path, env: dict[str, str]) -> None:
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
     assert [lang for lang, _ in found] == [
-        "bash", "python", "python", "python", "python", "python", "bash", "python", "bash"
+        "bash", "python", "python", "python", "python", "python", "python", "bash", "python", "bash"
     ]  # fmt: skip
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     # The first block makes tiny-ettin and builds the default model. The rest only read those and
@@ -45,7 +45,7 @@ def test_readme_examples_run_as_printed(tmp_path):
             run_block(*found[i], tmp_path, env)
 
     with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(run_chain, (1, 2, 3, 5, 8)), pool.submit(run_chain, (4, 6, 7))]:
+        for done in [pool.submit(run_chain, (1, 2, 3, 4, 6, 9)), pool.submit(run_chain, (5, 7, 8))]:
             done.result()  # re-raises a chain's failure
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2

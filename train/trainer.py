@@ -22,13 +22,11 @@ import logging
 import math
 import os
 import shutil
-import signal
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from ettin_jax import compilation, default_model, distributed, platforms, sharding
 from ettin_jax.config import ModernBertDecoderConfig
@@ -191,34 +189,6 @@ def _label_set(config: Any, directory: str, kind: str, values: list[Any]) -> tup
 
 
 # ---- the loop -----------------------------------------------------------------------------
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after every step (main thread only)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
-
-    def __enter__(self) -> _Preemption:
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler
-            self.previous = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop: they must all stop at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = None) -> dict[str, Any]:
     """Runs (or resumes) a fine-tuning run; returns a summary. `on_step(step, metrics)`, if
     given, is called after every step (tests use it to stop a run part-way)."""
@@ -310,7 +280,7 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     status = "finished"
     try:
         log_to = metrics_path if primary else os.devnull
-        with _Preemption() as preemption, open(log_to, "a", encoding="utf-8") as metrics_file:
+        with distributed.Preemption() as preemption, open(log_to, "a", encoding="utf-8") as metrics_file:
             while step < total:
                 batch, _ = train_batches.batch(position["epoch"], position["index"])
                 if mesh is not None:

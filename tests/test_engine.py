@@ -1,0 +1,157 @@
+"""The continuous-batching engine: each request's tokens equal `generate` on its prompt alone
+(and transformers'), do not depend on their neighbours or slot, a stream of many requests
+compiles a few programs, and a bad request fails alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, random_ids
+
+import ettin_jax as ej
+from ettin_jax import engine as engine_module
+from ettin_jax.engine import Engine
+from ettin_jax.generation import GenerationError
+
+PROGRAMS = (
+    engine_module._prefill_program,
+    engine_module._decode_program,
+    engine_module._chunk_program,
+    engine_module._chunk_finish_program,
+)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from helpers import torch_model
+
+    directory = tmp_path_factory.mktemp("engine")
+    reference = torch_model("causal")
+    reference.save_pretrained(directory)
+    return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+
+
+def alone(model, prompt: list[int], **kwargs) -> list[int]:
+    """`generate` on one prompt: its new tokens through the first stop token."""
+    stops = kwargs.get("eos_token_id", [TINY["eos_token_id"]])
+    new = model.generate([prompt], pad_token_id=0, **kwargs)[0, len(prompt) :].tolist()
+    return new[: next((i + 1 for i, t in enumerate(new) if t in stops), len(new))]
+
+
+def prompts(count: int, longest: int, seed: int) -> list[list[int]]:
+    lengths = np.random.default_rng(seed).integers(1, longest + 1, size=count)
+    return [random_ids(1, int(n), seed=seed * 1000 + i)[0].tolist() for i, n in enumerate(lengths)]
+
+
+def test_greedy_equals_generate_alone_and_transformers(pair):
+    """Ragged prompts, some longer than the chunk (prefilled a chunk per round) and than the
+    window (4), outputs several windows long, stop tokens that end rows at different steps,
+    fewer slots than requests (slots refilled)."""
+    reference, model = pair
+    batch = prompts(10, 40, seed=1)
+    kwargs = dict(max_new_tokens=14, eos_token_id=[5, 9])
+    got = model.generate_batch(batch, **kwargs, max_batch_size=4, prefill_chunk=16, steps_per_call=3)
+    assert got == [alone(model, p, **kwargs) for p in batch]
+    assert any(len(g) < 14 for g in got) and any(len(g) == 14 for g in got)  # both ways of ending
+    longest = max(batch, key=len)
+    with torch.no_grad():
+        theirs = reference.generate(
+            torch.tensor([longest]), attention_mask=torch.ones((1, len(longest)), dtype=torch.long),
+            do_sample=False, max_new_tokens=14, eos_token_id=[5, 9], pad_token_id=0,
+        )[0, len(longest) :].tolist()  # fmt: skip
+    assert got[batch.index(longest)] == theirs
+
+
+def test_sampling_does_not_depend_on_neighbours_or_slot(pair):
+    """The same request and seed gives the same tokens alone and among 100 others, wherever it
+    is queued (so in different slots)."""
+    _, model = pair
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_p=0.9, temperature=1.3, eos_token_id=[])
+    request = random_ids(1, 13, seed=99)[0].tolist()
+    by_itself = model.generate_batch([request], seed=[42], **kwargs)[0]
+    others = prompts(100, 20, seed=2)
+    for where in (0, 57):
+        batch = [*others[:where], request, *others[where:]]
+        seeds = [*range(1000, 1000 + where), 42, *range(2000, 2100 - where)]
+        got = model.generate_batch(batch, seed=seeds, max_batch_size=8, **kwargs)
+        assert got[where] == by_itself, where
+    assert len(set(map(tuple, got))) > 50  # the others do sample (their own seeds, different tokens)
+
+
+def test_a_stream_of_1000_requests_compiles_a_few_programs(pair):
+    _, model = pair
+    batch = prompts(1000, 60, seed=3)
+    new = np.random.default_rng(3).integers(1, 6, size=1000).tolist()
+    before = sum(p._cache_size() for p in PROGRAMS)
+    got = model.generate_batch(batch, max_new_tokens=new, max_batch_size=16, prefill_chunk=32, max_length=128)
+    compiled = sum(p._cache_size() for p in PROGRAMS) - before
+    # Prefill widths 16 and 32, a chunk step, a chunk finish, one decode: 5 (fewer if some were
+    # compiled by an earlier test with the same shapes).
+    assert compiled <= 5, compiled
+    assert [len(g) <= n for g, n in zip(got, new, strict=True)] == [True] * 1000
+
+
+def test_a_bad_request_fails_alone(pair):
+    _, model = pair
+    engine = Engine(model, max_batch_size=2, max_length=64)
+    good = random_ids(1, 6, seed=4)[0].tolist()
+    bad = {
+        "longer than the context": (random_ids(1, 70, seed=5)[0].tolist(), {}, "exceeds the engine's max_length"),
+        "overruns the context": (good, {"max_new_tokens": 60}, "6-token prompt plus 60 new tokens exceeds"),
+        "empty": ([], {}, "is empty"),
+        "outside the vocabulary": ([1, 5000], {}, "token id 5000 outside the vocabulary"),
+        "unknown argument": (good, {"top_kk": 3}, "unknown argument"),
+    }
+    failed = {name: engine.submit(prompt, **kw) for name, (prompt, kw, _) in bad.items()}
+    fine = engine.submit(good, max_new_tokens=5)
+    engine.run()
+    for name, (_, _, message) in bad.items():
+        assert failed[name].done and message in failed[name].error, (name, failed[name].error)
+    assert fine.error is None and fine.tokens == alone(model, good, max_new_tokens=5)
+    with pytest.raises(GenerationError, match=r"request 1: .*outside the vocabulary"):
+        model.generate_batch([good, [1, 5000]])
+
+
+def test_a_full_queue_pushes_back_and_cancelling_frees_the_slot(pair):
+    _, model = pair
+    engine = Engine(model, max_batch_size=1, max_queue=2, max_length=64, steps_per_call=2)
+    long = engine.submit(random_ids(1, 5, seed=6)[0].tolist(), max_new_tokens=40, eos_token_id=[])
+    engine.step()
+    assert 0 < len(long.tokens) < 40
+    long.cancel()
+    # Five more than the queue holds: submit runs rounds itself until there is room.
+    rest = [engine.submit(p, max_new_tokens=4, eos_token_id=[]) for p in prompts(5, 10, seed=7)]
+    engine.run()
+    assert long.finish_reason == "cancelled" and len(long.tokens) < 40
+    assert [len(r.tokens) for r in rest] == [4] * 5
+    assert [r.finish_reason for r in rest] == ["length"] * 5
+
+
+def test_streams_tokens_from_a_background_thread(pair):
+    _, model = pair
+    engine = Engine(model, max_batch_size=2, max_length=64)
+    engine.start()
+    try:
+        prompt = random_ids(1, 7, seed=8)[0].tolist()
+        seen = []
+        request = engine.submit(prompt, max_new_tokens=9, eos_token_id=[], on_token=seen.append)
+        streamed = list(request.stream())
+    finally:
+        engine.stop()
+    assert streamed == seen == request.tokens == alone(model, prompt, max_new_tokens=9, eos_token_id=[])
+    assert request.first_token_at is not None
+
+
+def test_the_engine_on_a_mesh_equals_one_device(pair):
+    """Slots split over the mesh's batch axes, the model over all three: the same tokens."""
+    from flax import nnx
+
+    from ettin_jax import sharding
+
+    _, model = pair
+    copy = nnx.merge(*nnx.split(model))  # its own params, placed on the mesh below
+    sharding.shard_model(copy, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    batch = prompts(6, 30, seed=9)
+    kwargs = dict(max_new_tokens=8, eos_token_id=[5, 9], max_batch_size=4, prefill_chunk=16)
+    assert copy.generate_batch(batch, **kwargs) == model.generate_batch(batch, **kwargs)
