@@ -2,6 +2,7 @@
 
 from ettin_jax import sharding
 from ettin_jax.cache import Cache
+from ettin_jax.compile_cache import enable_compilation_cache
 from ettin_jax.config import ETTIN_SIZES, ConfigError, ModernBertDecoderConfig
 from ettin_jax.errors import EttinError
 from ettin_jax.generation import GenerationConfig
@@ -32,6 +33,7 @@ __all__ = [
     "ModernBertDecoderForSequenceClassification",
     "ModernBertDecoderModel",
     "SequenceClassifierOutput",
+    "enable_compilation_cache",
     "pipeline",
     "sharding",
 ]

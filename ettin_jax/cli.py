@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 import typing
 from collections.abc import Iterator, Sequence
 
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import ettin_jax.train
-from ettin_jax import distributed, files, modeling, sharding
+from ettin_jax import compile_cache, distributed, files, jobs, modeling, sharding
 from ettin_jax.convert import architecture, checkpoint_format, load_pretrained, resolve, save_pretrained
 from ettin_jax.errors import EttinError
 from ettin_jax.pipelines import pipeline
@@ -93,43 +92,35 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
-def _read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
-            return [line.rstrip("\n") for line in f if line.strip()]
-        prompts = []
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CommandError(f"{path}:{number}: not valid JSON ({e})") from None
-            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else record
-            if not isinstance(text, str):
-                raise CommandError(f'{path}:{number}: expected a string or an object with "prompt" or "text"')
-            prompts.append(text)
-        return prompts
+def _print_result(record: dict) -> None:
+    if "error" in record:
+        print(f"error: prompt {record['prompt']!r}: {record['error']}", file=sys.stderr)
+        return
+    texts = record["generated_text"]
+    for text in texts if isinstance(texts, list) else [texts]:
+        print(text)
+    sys.stdout.flush()
 
 
 def _generate(args: argparse.Namespace) -> int:
     if args.output_file and not args.input_file:
         raise CommandError("--output-file needs --input-file")
+    if args.resume and not args.output_file:
+        raise CommandError("--resume needs --output-file")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise CommandError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     mesh = sharding.mesh_from_arg(args.mesh)
-    generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
-    # Every process runs every batch (each on its own devices' rows); process 0 writes.
     primary = distributed.is_primary()
     kwargs = _sampling_kwargs(args)
     if args.input_file:
-        prompts = _read_prompts(args.input_file)
-        if not prompts:
-            raise CommandError(f"{args.input_file} holds no prompts")
+        prompts = jobs.read_prompts(args.input_file)
     else:
         prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not prompts:
             raise CommandError("no prompt: pass PROMPT arguments, --input-file, or lines on stdin")
     if not args.input_file and len(prompts) == 1 and args.num_return_sequences == 1:
         # One prompt at a terminal: show tokens as they are made.
+        generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
         out = sys.stdout if primary else io.StringIO()
         out.write(prompts[0])
         for piece in generator.stream(prompts[0], **kwargs):
@@ -137,44 +128,36 @@ def _generate(args: argparse.Namespace) -> int:
             out.flush()
         out.write("\n")
         return 0
-    from tqdm.auto import tqdm  # slow to import; only batch generation shows a bar
-
-    # Similar lengths batch together (less padding); results go back in input order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[dict]] = [[] for _ in prompts]
-    new_tokens = 0
-    start = time.perf_counter()
-    with tqdm(total=len(prompts), unit="prompt", disable=not args.input_file or not primary) as bar:
-        for first in range(0, len(order), args.batch_size):
-            chunk = order[first : first + args.batch_size]
-            outputs = generator([prompts[i] for i in chunk], batch_size=args.batch_size, return_tensors=True, **kwargs)
-            for i, output in zip(chunk, outputs, strict=True):
-                results[i] = [{"generated_text": o["generated_text"]} for o in output]
-                new_tokens += sum(len(o["generated_token_ids"]) for o in output)
-            bar.update(len(chunk))
-    seconds = time.perf_counter() - start
-    if not primary:
+    # Checked before the model loads. Without a mesh, several processes share a file's prompts
+    # (each its own replica of the model); with one, every process runs every request on it.
+    job = jobs.plan(prompts, args.input_file, args.output_file, resume=args.resume, share=mesh is None)
+    if job.finished:
+        if primary:
+            print(f"{args.output_file} already holds the results of all {len(prompts)} prompts", file=sys.stderr)
         return 0
-    if args.output_file:
-        files.write_jsonl(
-            args.output_file,
-            [
-                {
-                    "prompt": p,
-                    "generated_text": [o["generated_text"] for o in r] if len(r) > 1 else r[0]["generated_text"],
-                }
-                for p, r in zip(prompts, results, strict=True)
-            ],
+    if job.done and job.path is not None:
+        print(f"resuming {job.path}: {job.done} of {len(job.indices)} results are there", file=sys.stderr)
+    generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
+    summary = jobs.run(
+        generator, prompts, job, max_batch_size=args.max_batch_size, progress=primary and bool(args.input_file),
+        echo=_print_result if primary and not args.output_file else None, **kwargs,
+    )  # fmt: skip
+    if summary.preempted:
+        print(
+            f"stopped by SIGTERM after {summary.prompts} more results; run again with --resume to finish",
+            file=sys.stderr,
         )
-        print(f"wrote {len(prompts)} results to {args.output_file}", file=sys.stderr)
-    else:
-        for output in results:
-            for o in output:
-                print(o["generated_text"])
-    print(
-        f"{len(prompts)} prompts, {new_tokens} new tokens in {seconds:.1f} s: {new_tokens / seconds:.1f} tokens/s",
-        file=sys.stderr,
-    )
+        return ettin_jax.train.PREEMPTED_EXIT
+    if summary.prompts and (primary or job.merge):
+        who = f"process {jax.process_index()}: " if job.merge else ""
+        failed = f"; {summary.failed} failed (their lines hold the error)" if summary.failed else ""
+        print(
+            f"{who}{summary.prompts} prompts, {summary.tokens} new tokens in {summary.seconds:.1f} s: "
+            f"{summary.tokens / summary.seconds:.1f} tokens/s{failed}",
+            file=sys.stderr,
+        )
+    if summary.written:
+        print(f"wrote {summary.written} results to {args.output_file}", file=sys.stderr)
     return 0
 
 
@@ -323,12 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--min-p", type=float)
     generate.add_argument("--repetition-penalty", type=float)
-    generate.add_argument("--num-return-sequences", type=int, default=1)
+    generate.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=1,
+        help="samples per prompt (with --do-sample); the j-th of n samples of prompt i (from 0) is drawn with "
+        "seed --seed + i*n + j, whichever process or batch makes it",
+    )
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--batch-size", type=int, default=16)
+    generate.add_argument(
+        "--max-batch-size",
+        "--batch-size",
+        type=int,
+        help="decode slots: requests served at once (default: as many as a quarter of the device's memory holds, "
+        "at most 64)",
+    )
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
     generate.add_argument("--input-file", help='prompts: .txt (one a line) or .jsonl ({"prompt": ...})')
-    generate.add_argument("--output-file", help="results as .jsonl (written atomically)")
+    generate.add_argument(
+        "--output-file",
+        help='results as .jsonl, a line per prompt in input order ({"prompt", "generated_text"}, or "error" for '
+        "a prompt that cannot run), each written once it and those before it are done; never overwritten",
+    )
+    generate.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the job that wrote --output-file (killed or preempted): keep its results, make the rest",
+    )
     _add_device_flags(generate)
     generate.set_defaults(run=_generate)
 
@@ -340,7 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_run)
 
     _add_train(commands)
+    _add_compilation_cache_flag(parser)
     return parser
+
+
+def _add_compilation_cache_flag(parser: argparse.ArgumentParser, default: typing.Any = None) -> None:
+    """--compilation-cache, before the command or after it (every command compiles): on a
+    command's parser it leaves the value given before the command alone unless given again."""
+    parser.add_argument(
+        "--compilation-cache",
+        metavar="DIR|off",
+        default=default,
+        help=f"JAX's persistent compilation cache (default: ${compile_cache.ENV}, else <ettin-jax home>/jax-cache)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_compilation_cache_flag(command, argparse.SUPPRESS)
 
 
 @contextlib.contextmanager
@@ -365,7 +385,7 @@ def _log_to_stderr() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _log_to_stderr():
+        with _log_to_stderr(), compile_cache.compilation_cache(args.compilation_cache):
             if hasattr(args, "prepare"):
                 args.prepare(args)  # a command's set-up before anything runs JAX
             if hasattr(args, "distributed"):

@@ -24,10 +24,6 @@ NAME = "ettin-jax-default-tiny-v1"
 SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")  # ids 256..260, as named in Ettin's
 
 
-def home() -> str:
-    return os.environ.get("ETTIN_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ettin-jax")
-
-
 def config() -> ModernBertDecoderConfig:
     cls, sep, pad = 257, 258, 259  # [CLS], [SEP], [PAD]
     return ModernBertDecoderConfig(
@@ -56,7 +52,7 @@ def _tokenizer():
 
 def path() -> str:
     """The directory of the default model, built on first use (atomically)."""
-    target = os.path.join(home(), NAME)
+    target = os.path.join(files.home(), NAME)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     staging = files.staging_dir_for(target)

@@ -4,7 +4,9 @@ from a queue the moment a request ends.
 Per slot, on the device (`Slots`): the slot's rows of one preallocated KV cache (global layers a
 region of `max_length` tokens, sliding layers a ring of `sliding_window`), its own sequence
 length and RoPE position, the token to feed next, and its request's sampling values, limits
-and stop tokens. One round of `Engine.step()`:
+and stop tokens. A slot's cache takes 2 * N * H * (globals * max_length + slidings * window)
+values: 6.8 MB for 17m in float32 at max_length 1024, 595 MB for 1b in bfloat16 at 8192
+(`Engine.slot_bytes`). One round of `Engine.step()`:
 1. admit: queued requests with short prompts are prefilled several at a time (bucketed width,
    a fixed number of rows), each row's first token chosen and its cache rows written into a free
    slot, in one program; a long prompt is prefilled `prefill_chunk` tokens per round into a cache
@@ -50,6 +52,7 @@ from ettin_jax.generation import (
     resolve,
 )
 from ettin_jax.padding import bucket
+from ettin_jax.platforms import on_cpu
 from ettin_jax.sampling import choose_rows, process_logits
 
 Array = jax.Array
@@ -111,12 +114,13 @@ def _after(tokens, generated, params: Params) -> tuple[Array, Array]:
 
 
 # ---- the programs -----------------------------------------------------------------------------
-@functools.partial(compilation.jit, static_argnames=("graphdef", "steps", "flags"), donate_argnames=("slots",))
-def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...]):
-    """`steps` decode steps for every slot; returns the slots, the tokens (steps, B) and which
-    of them belong to a request (steps, B)."""
+@functools.partial(compilation.jit, static_argnames=("graphdef", "steps", "flags", "width"), donate_argnames=("slots",))
+def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...], width: int):
+    """`steps` decode steps for the first `width` slots (the others are free); returns the slots,
+    the tokens (steps, width) and which of them belong to a request (steps, width)."""
     model = nnx.merge(graphdef, state)
-    batch = slots.tokens.shape[0]
+    everything, slots = slots, jax.tree.map(lambda x: x[:width], slots)
+    batch = width
 
     def step(slots: Slots, _):
         out = model.model(slots.tokens[:, None], position_ids=slots.positions[:, None], past_key_values=slots.cache)
@@ -135,7 +139,15 @@ def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags:
         return slots, (tokens, emitted)
 
     slots, (tokens, emitted) = jax.lax.scan(step, slots, None, length=steps)
+    if width < everything.tokens.shape[0]:
+        slots = jax.tree.map(lambda whole, part: whole.at[:width].set(part), everything, slots)
     return slots, tokens, emitted
+
+
+@functools.partial(compilation.jit, donate_argnames=("slots",))
+def _move_program(slots: Slots, source: Array, target: Array) -> Slots:
+    """Moves the requests in slots `source` (K,) to the free slots `target` (K,)."""
+    return jax.tree.map(lambda x: x.at[target].set(x[source]), slots)
 
 
 def _insert(slots: Slots, rows: Array, cache: Cache, first, positions, seen, params: Params, stopped) -> Slots:
@@ -396,16 +408,18 @@ class Engine:
             start = time.perf_counter()
             self._drop_cancelled()
             admitted = self._admit()
+            prefill = time.perf_counter() - start
             busy = any(r is not None for r in self.requests)
             if not busy:
-                self.stats["host_s"] += time.perf_counter() - start
+                self.stats["host_s"] += time.perf_counter() - start - prefill
                 return admitted or bool(self.queue) or self.prefilling is not None
-            flags = self._flags()
+            flags, width = self._flags(), self._width()
             before = time.perf_counter()
             with sharding.activate(self.mesh):
                 self.slots, tokens, emitted = _decode_program(
-                    self.graphdef, self.state, self.kernel, self.slots, steps=self.steps_per_call, flags=flags
-                )
+                    self.graphdef, self.state, self.kernel, self.slots, steps=self.steps_per_call, flags=flags,
+                    width=width,
+                )  # fmt: skip
                 tokens, emitted, active = (
                     sharding.to_host(tokens),
                     sharding.to_host(emitted),
@@ -414,9 +428,9 @@ class Engine:
             after = time.perf_counter()
             self.stats["device_s"] += after - before
             self.stats["rounds"] += 1
-            self.stats["slot_steps"] += self.batch * self.steps_per_call
+            self.stats["slot_steps"] += width * self.steps_per_call
             self.stats["useful_steps"] += int(emitted.sum())
-            for slot, request in enumerate(self.requests):
+            for slot, request in enumerate(self.requests[:width]):
                 if request is None:
                     continue
                 new = tokens[emitted[:, slot], slot].tolist()
@@ -424,8 +438,24 @@ class Engine:
                 request._emit(new)
                 if not active[slot]:
                     self._end(slot, "stop" if new and new[-1] in request.limits.eos else "length")
-            self.stats["host_s"] += time.perf_counter() - start - (after - before)
+            self.stats["host_s"] += time.perf_counter() - start - (after - before) - prefill
             return True
+
+    def _width(self) -> int:
+        """How many slots, from the first, the next decode runs: a power of two that holds every
+        request. Once the queue is empty, the requests left are moved to the first slots first,
+        so that the last long ones do not keep every slot decoding (a program per width)."""
+        live = [s for s, r in enumerate(self.requests) if r is not None]
+        if not self.queue and self.prefilling is None and live[-1] >= len(live):
+            source = [s for s in live if s >= len(live)]
+            target = [s for s in range(len(live)) if self.requests[s] is None]
+            with sharding.activate(self.mesh):
+                self.slots = _move_program(self.slots, np.asarray(source, np.int32), np.asarray(target, np.int32))
+            for a, b in zip(source, target, strict=True):
+                self.requests[b], self.requests[a] = self.requests[a], None
+            live = list(range(len(live)))
+        ways = sharding.batch_ways(self.mesh)
+        return min(self.batch, max(ways, bucket(live[-1] + 1, 1)))
 
     def _end(self, slot: int, reason: str) -> None:
         self.requests[slot]._finish(reason)
@@ -639,10 +669,14 @@ def _slot_bytes(config, length: int, dtype) -> int:
 
 
 def default_batch_size(slot_bytes: int) -> int:
-    """As many slots as a quarter of the device's memory holds, at least 1, at most 64."""
+    """As many slots as a quarter of the device's memory holds, at least 1, at most 64; on CPU
+    at most 16: there a decode step costs in proportion to its slots, and more slots only wait
+    longer for the slowest (benchmarks/throughput.py, 17m, 2026-11-30: 16 slots made 1168
+    tokens/s with 75% of slot-steps useful, 64 slots 695 and 30%)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     budget = stats.get("bytes_limit", 4 * DEFAULT_MEMORY) // 4
-    return int(max(1, min(64, budget // max(slot_bytes, 1))))
+    most = 16 if on_cpu() else 64
+    return int(max(1, min(most, budget // max(slot_bytes, 1))))
 
 
 def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:

@@ -13,6 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 
+def home() -> str:
+    """Where ettin-jax keeps what it makes for itself (the default model, compiled programs):
+    `$ETTIN_JAX_HOME`, default `~/.cache/ettin-jax`."""
+    return os.environ.get("ETTIN_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ettin-jax")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

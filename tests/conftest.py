@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import pytest
 from helpers import TINY, VOCAB, WINDOW, random_ids, tiny_config, to_numpy, torch_model
@@ -13,6 +15,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 # float32 matmuls at full precision on every platform: on a GPU, XLA's default is TF32, which
 # misses the 1e-5 parity tolerances (on the CPU this changes nothing).
 jax.config.update("jax_default_matmul_precision", "highest")
+# The CLI keeps compiled programs on disk (ettin_jax.compile_cache); the tests that call it
+# in-process must not write to the real home, and tests/test_compile_cache.py sets its own.
+os.environ.setdefault("ETTIN_JAX_COMPILATION_CACHE", "off")
 
 __all__ = ["TINY", "VOCAB", "WINDOW", "random_ids", "tiny_config", "to_numpy", "torch_model"]
 
