@@ -48,6 +48,8 @@ from ettin_jax.generation import (
     Limits,
     _output_kernel,
     _output_kernel_program,
+    _prefill,
+    _prompt_tokens,
     check_prompts,
     resolve,
 )
@@ -152,13 +154,12 @@ def _move_program(slots: Slots, source: Array, target: Array) -> Slots:
 
 def _insert(slots: Slots, rows: Array, cache: Cache, first, positions, seen, params: Params, stopped) -> Slots:
     """Writes prefilled requests into the slots `rows` (P,) (B for none: dropped): their cache
-    rows (padded to the slots' shape), first token, next position, seen tokens and params."""
+    rows (preallocated like the slots'), first token, next position, seen tokens and params."""
 
     def put(target: Array, value: Array) -> Array:
         return target.at[rows].set(value.astype(target.dtype), mode="drop")
 
     def put_layer(target: LayerCache, new: LayerCache) -> LayerCache:
-        new = new.grow(target.slots)  # a grown prefill cache holds its tokens at slot = index (sliding: a ring)
         return target.replace(k=put(target.k, new.k), v=put(target.v, new.v), index=put(target.index, new.index))
 
     layers = tuple(put_layer(t, n) for t, n in zip(slots.cache.layers, cache.layers, strict=True))
@@ -174,14 +175,13 @@ def _insert(slots: Slots, rows: Array, cache: Cache, first, positions, seen, par
     )
 
 
-def _first_tokens(model, kernel, hidden, ids, valid, params: Params, flags):
-    """The first new token of each prefilled row, its `seen` row, and whether it ends the request."""
-    logits = model.logits(hidden, kernel)[:, 0].astype(jnp.float32)
-    rows = jnp.arange(ids.shape[0])[:, None]
-    seen = jnp.zeros(logits.shape, bool).at[rows, ids].max(valid)
+def _first_tokens(logits, ids, valid, params: Params, flags):
+    """The first new token of each prefilled row (logits (P, V) float32), its `seen` row, and
+    whether it ends the request."""
+    seen = _prompt_tokens(ids, valid, logits.shape[-1])
     first = _choose(logits, seen, jnp.zeros(ids.shape[:1], jnp.int32), params, flags)
     _, stopped = _after(first, jnp.zeros_like(first), params)
-    return first, seen.at[rows[:, 0], first].set(True), stopped
+    return first, seen.at[jnp.arange(ids.shape[0]), first].set(True), stopped
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef", "flags"), donate_argnames=("slots",))
@@ -189,14 +189,10 @@ def _prefill_program(graphdef, state, kernel, slots: Slots, rows, ids, valid, pa
     """Prefills P left-padded prompts (P, T) and writes them into the slots `rows` (P,);
     returns the slots, the first tokens (P,) and which requests they ended."""
     model = nnx.merge(graphdef, state)
-    batch, length = ids.shape
-    positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
-    out = model.model(
-        jnp.where(valid, ids, 0), valid, positions, use_cache=True, rows=jnp.full((batch, 1), length - 1, jnp.int32)
-    )
-    first, seen, stopped = _first_tokens(model, kernel, out.last_hidden_state, ids, valid, params, flags)
-    cache = out.past_key_values
-    slots = _insert(slots, rows, cache, first, positions[:, -1] + 1, seen, params, stopped)
+    length = max(layer.slots for layer in slots.cache.layers)  # max_length: a global layer's slots
+    logits, positions, cache = _prefill(model, ids, valid, length, kernel)
+    first, seen, stopped = _first_tokens(logits, ids, valid, params, flags)
+    slots = _insert(slots, rows, cache, first, positions, seen, params, stopped)
     return slots, first, stopped
 
 
@@ -217,7 +213,8 @@ def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, p
         jnp.where(valid, ids, 0), valid, positions, past_key_values=cache,
         rows=jnp.full((1, 1), ids.shape[1] - 1, jnp.int32),
     )  # fmt: skip
-    first, seen, stopped = _first_tokens(model, kernel, out.last_hidden_state, prompt, prompt_valid, params, flags)
+    logits = model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32)
+    first, seen, stopped = _first_tokens(logits, prompt, prompt_valid, params, flags)
     slots = _insert(slots, rows, out.past_key_values, first, positions[:, -1] + 1, seen, params, stopped)
     return slots, first, stopped
 

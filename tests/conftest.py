@@ -35,6 +35,17 @@ def saved(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def causal_pair(tmp_path_factory):
+    """(transformers causal LM, ettin-jax's copy loaded from its checkpoint), once per module."""
+    import ettin_jax as ej
+
+    directory = tmp_path_factory.mktemp("causal")
+    reference = torch_model("causal")
+    reference.save_pretrained(directory)
+    return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
+
+
 @pytest.fixture(scope="session")
 def default_home(tmp_path_factory):
     """ETTIN_JAX_HOME in a temporary directory, so the default model is built fresh, once."""

@@ -9,7 +9,6 @@ import pytest
 import torch
 from helpers import TINY, random_ids
 
-import ettin_jax as ej
 from ettin_jax import engine as engine_module
 from ettin_jax.engine import Engine
 from ettin_jax.generation import GenerationError
@@ -21,16 +20,6 @@ PROGRAMS = (
     engine_module._chunk_finish_program,
     engine_module._move_program,
 )
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from helpers import torch_model
-
-    directory = tmp_path_factory.mktemp("engine")
-    reference = torch_model("causal")
-    reference.save_pretrained(directory)
-    return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
 
 
 def alone(model, prompt: list[int], **kwargs) -> list[int]:
@@ -45,11 +34,11 @@ def prompts(count: int, longest: int, seed: int) -> list[list[int]]:
     return [random_ids(1, int(n), seed=seed * 1000 + i)[0].tolist() for i, n in enumerate(lengths)]
 
 
-def test_greedy_equals_generate_alone_and_transformers(pair):
+def test_greedy_equals_generate_alone_and_transformers(causal_pair):
     """Ragged prompts, some longer than the chunk (prefilled a chunk per round) and than the
     window (4), outputs several windows long, stop tokens that end rows at different steps,
     fewer slots than requests (slots refilled)."""
-    reference, model = pair
+    reference, model = causal_pair
     batch = prompts(10, 40, seed=1)
     kwargs = dict(max_new_tokens=14, eos_token_id=[5, 9])
     got = model.generate_batch(batch, **kwargs, max_batch_size=4, prefill_chunk=16, steps_per_call=3)
@@ -64,10 +53,10 @@ def test_greedy_equals_generate_alone_and_transformers(pair):
     assert got[batch.index(longest)] == theirs
 
 
-def test_sampling_does_not_depend_on_neighbours_or_slot(pair):
+def test_sampling_does_not_depend_on_neighbours_or_slot(causal_pair):
     """The same request and seed gives the same tokens alone and among 100 others, wherever it
     is queued (so in different slots)."""
-    _, model = pair
+    _, model = causal_pair
     kwargs = dict(max_new_tokens=10, do_sample=True, top_p=0.9, temperature=1.3, eos_token_id=[])
     request = random_ids(1, 13, seed=99)[0].tolist()
     by_itself = model.generate_batch([request], seed=[42], **kwargs)[0]
@@ -80,8 +69,8 @@ def test_sampling_does_not_depend_on_neighbours_or_slot(pair):
     assert len(set(map(tuple, got))) > 50  # the others do sample (their own seeds, different tokens)
 
 
-def test_a_stream_of_1000_requests_compiles_a_few_programs(pair):
-    _, model = pair
+def test_a_stream_of_1000_requests_compiles_a_few_programs(causal_pair):
+    _, model = causal_pair
     batch = prompts(1000, 60, seed=3)
     new = np.random.default_rng(3).integers(1, 6, size=1000).tolist()
     before = sum(p._cache_size() for p in PROGRAMS)
@@ -93,8 +82,8 @@ def test_a_stream_of_1000_requests_compiles_a_few_programs(pair):
     assert [len(g) <= n for g, n in zip(got, new, strict=True)] == [True] * 1000
 
 
-def test_a_bad_request_fails_alone(pair):
-    _, model = pair
+def test_a_bad_request_fails_alone(causal_pair):
+    _, model = causal_pair
     engine = Engine(model, max_batch_size=2, max_length=64)
     good = random_ids(1, 6, seed=4)[0].tolist()
     bad = {
@@ -114,8 +103,8 @@ def test_a_bad_request_fails_alone(pair):
         model.generate_batch([good, [1, 5000]])
 
 
-def test_a_full_queue_pushes_back_and_cancelling_frees_the_slot(pair):
-    _, model = pair
+def test_a_full_queue_pushes_back_and_cancelling_frees_the_slot(causal_pair):
+    _, model = causal_pair
     engine = Engine(model, max_batch_size=1, max_queue=2, max_length=64, steps_per_call=2)
     long = engine.submit(random_ids(1, 5, seed=6)[0].tolist(), max_new_tokens=40, eos_token_id=[])
     engine.step()
@@ -129,8 +118,8 @@ def test_a_full_queue_pushes_back_and_cancelling_frees_the_slot(pair):
     assert [r.finish_reason for r in rest] == ["length"] * 5
 
 
-def test_streams_tokens_from_a_background_thread(pair):
-    _, model = pair
+def test_streams_tokens_from_a_background_thread(causal_pair):
+    _, model = causal_pair
     engine = Engine(model, max_batch_size=2, max_length=64)
     engine.start()
     try:
@@ -144,13 +133,13 @@ def test_streams_tokens_from_a_background_thread(pair):
     assert request.first_token_at is not None
 
 
-def test_the_engine_on_a_mesh_equals_one_device(pair):
+def test_the_engine_on_a_mesh_equals_one_device(causal_pair):
     """Slots split over the mesh's batch axes, the model over all three: the same tokens."""
     from flax import nnx
 
     from ettin_jax import sharding
 
-    _, model = pair
+    _, model = causal_pair
     copy = nnx.merge(*nnx.split(model))  # its own params, placed on the mesh below
     sharding.shard_model(copy, sharding.make_mesh(data=2, fsdp=2, tensor=2))
     batch = prompts(6, 30, seed=9)

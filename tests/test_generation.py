@@ -18,16 +18,6 @@ from ettin_jax.generation import GenerationError
 from ettin_jax.padding import left_pad
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from helpers import torch_model
-
-    directory = tmp_path_factory.mktemp("gen")
-    reference = torch_model("causal")
-    reference.save_pretrained(directory)
-    return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory)
-
-
 def left_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     width = max(map(len, prompts))
     ids = np.zeros((len(prompts), width), np.int64)
@@ -58,8 +48,8 @@ GREEDY_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GREEDY_CASES))
-def test_greedy_tokens_match_transformers(pair, case):
-    reference, model = pair
+def test_greedy_tokens_match_transformers(causal_pair, case):
+    reference, model = causal_pair
     prompts, kwargs = GREEDY_CASES[case]
     ids, mask = left_padded(prompts)
     expected = reference_generate(reference, ids, mask, eos_token_id=None, **kwargs)
@@ -68,8 +58,8 @@ def test_greedy_tokens_match_transformers(pair, case):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_eos_stops_rows_and_pads_after_it(pair):
-    reference, model = pair
+def test_eos_stops_rows_and_pads_after_it(causal_pair):
+    reference, model = causal_pair
     ids, mask = left_padded([PROMPT_LONG, PROMPT_SHORT])
     free = model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
     eos = int(free[0, ids.shape[1] + 4])  # row 0 makes this token 5th: call it EOS
@@ -82,13 +72,13 @@ def test_eos_stops_rows_and_pads_after_it(pair):
 
 
 @pytest.mark.parametrize("impl", ["xla_blocked", "splash"])
-def test_prefill_runs_each_backend(pair, impl, monkeypatch):
+def test_prefill_runs_each_backend(causal_pair, impl, monkeypatch):
     """The prefill runs the model's attention backend: on a ragged left-padded batch longer than
     the window, each backend's first logits and cached keys equal the dense backend's, and the
     greedy continuation is the same."""
     from ettin_jax import attention
 
-    _, model = pair
+    _, model = causal_pair
     calls = []
     backend = {"xla_blocked": "blocked_local_attention", "splash": "splash_attention"}[impl]
     original = getattr(attention, backend)
@@ -114,10 +104,10 @@ def test_prefill_runs_each_backend(pair, impl, monkeypatch):
     np.testing.assert_array_equal(results[impl + " tokens"], results["xla tokens"])
 
 
-def test_a_pad_id_outside_the_vocabulary_pads_without_poisoning(pair):
+def test_a_pad_id_outside_the_vocabulary_pads_without_poisoning(causal_pair):
     """transformers takes any pad id; padding embeds as token 0, so a pad id outside the
     vocabulary (NaN by design when embedded under jit) changes no token."""
-    _, model = pair
+    _, model = causal_pair
     prompts = [PROMPT_LONG, PROMPT_SHORT]
     expected = model.generate(prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
     got = model.generate(prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=TINY["vocab_size"] + 872)
@@ -126,8 +116,8 @@ def test_a_pad_id_outside_the_vocabulary_pads_without_poisoning(pair):
     assert (got[1, : width - len(PROMPT_SHORT)] == TINY["vocab_size"] + 872).all()  # the prompt's padding
 
 
-def test_cache_logits_equal_full_forward_at_every_step(pair):
-    _, model = pair
+def test_cache_logits_equal_full_forward_at_every_step(causal_pair):
+    _, model = causal_pair
     prompts = [PROMPT_LONG, PROMPT_SHORT]
     steps = 12
     full = model.generate(*left_padded(prompts), max_new_tokens=steps, eos_token_id=[])
@@ -148,10 +138,10 @@ def test_cache_logits_equal_full_forward_at_every_step(pair):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the output kernel is kept across calls on CPU only")
-def test_kept_output_kernel_follows_the_parameters(pair):
+def test_kept_output_kernel_follows_the_parameters(causal_pair):
     """On CPU generation keeps the transposed vocabulary projection between calls; a parameter
     replaced since (as an optimizer step replaces them) must be seen, never a stale copy."""
-    _, loaded = pair
+    _, loaded = causal_pair
     model = nnx.merge(*nnx.split(loaded))  # a model of this test's own, with the same weights
     prompts = [PROMPT_LONG, PROMPT_SHORT]
     before = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
@@ -167,9 +157,9 @@ def test_kept_output_kernel_follows_the_parameters(pair):
     assert not np.array_equal(after, before)  # the change mattered, so a stale copy would show
 
 
-def test_sliding_cache_is_a_ring_of_window_slots(pair):
+def test_sliding_cache_is_a_ring_of_window_slots(causal_pair):
     """Sliding layers hold a window of slots, in a preallocated cache and in one grown by calls."""
-    _, model = pair
+    _, model = causal_pair
     window = [kind == "sliding_attention" for kind in model.config.layer_types]
     preallocated = init_cache(model.config, 2, 64)
     assert [c.k.shape[2] for c in preallocated.layers] == [4 if w else 64 for w in window]  # (B, N, S, H)
@@ -247,8 +237,8 @@ def test_min_new_tokens_suppresses_eos():
 
 
 # ---- sampling through generate -----------------------------------------------------------
-def test_same_seed_same_tokens_and_return_sequences(pair):
-    _, model = pair
+def test_same_seed_same_tokens_and_return_sequences(causal_pair):
+    _, model = causal_pair
     kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.5, num_return_sequences=3, eos_token_id=[])
     a = model.generate([PROMPT_MID, PROMPT_SHORT], seed=7, **kwargs)
     b = model.generate([PROMPT_MID, PROMPT_SHORT], seed=7, **kwargs)
@@ -260,15 +250,15 @@ def test_same_seed_same_tokens_and_return_sequences(pair):
     np.testing.assert_array_equal(a[3:, 3:6], np.tile(PROMPT_SHORT, (3, 1)))  # row order: repeat_interleave
 
 
-def test_top_k_one_sampling_is_greedy(pair):
-    _, model = pair
+def test_top_k_one_sampling_is_greedy(causal_pair):
+    _, model = causal_pair
     greedy = model.generate([PROMPT_LONG], max_new_tokens=10, eos_token_id=[])
     sampled = model.generate([PROMPT_LONG], max_new_tokens=10, eos_token_id=[], do_sample=True, top_k=1, seed=3)
     np.testing.assert_array_equal(greedy, sampled)
 
 
-def test_stream_yields_the_same_tokens(pair):
-    _, model = pair
+def test_stream_yields_the_same_tokens(causal_pair):
+    _, model = causal_pair
     ids, mask = left_padded([PROMPT_LONG, PROMPT_SHORT])
     full = model.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[])
     steps = list(model.generate_stream(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[]))
@@ -276,8 +266,8 @@ def test_stream_yields_the_same_tokens(pair):
     np.testing.assert_array_equal(np.stack(steps, axis=1), full[:, ids.shape[1] :])
 
 
-def test_buckets_avoid_recompiling(pair):
-    _, model = pair
+def test_buckets_avoid_recompiling(causal_pair):
+    _, model = causal_pair
     model.generate([PROMPT_MID], max_new_tokens=10, eos_token_id=[])  # warm the (16, 16) bucket
     before = generation._generate_program._cache_size()
     for length, new in [(5, 10), (7, 12), (9, 9), (11, 14)]:
@@ -286,8 +276,8 @@ def test_buckets_avoid_recompiling(pair):
     assert generation._generate_program._cache_size() == before
 
 
-def test_runs_under_bfloat16(pair, tmp_path):
-    reference, _ = pair
+def test_runs_under_bfloat16(causal_pair, tmp_path):
+    reference, _ = causal_pair
     reference.save_pretrained(tmp_path)
     model = ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert model.generate([PROMPT_LONG], max_new_tokens=5).shape == (1, 16)
@@ -315,15 +305,15 @@ def test_runs_under_bfloat16(pair, tmp_path):
         (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
     ],
 )
-def test_bad_generation_arguments(pair, kwargs, message):
-    _, model = pair
+def test_bad_generation_arguments(causal_pair, kwargs, message):
+    _, model = causal_pair
     kwargs = {"input_ids": [[5, 6, 7]], **kwargs}
     with pytest.raises(GenerationError, match=message):
         model.generate(**kwargs)
 
 
-def test_a_generation_config_is_the_keyword_arguments(pair):
-    _, model = pair
+def test_a_generation_config_is_the_keyword_arguments(causal_pair):
+    _, model = causal_pair
     config = ej.GenerationConfig(max_new_tokens=7, do_sample=True, top_k=5, seed=4, eos_token_id=[])
     expected = model.generate([PROMPT_MID], max_new_tokens=7, do_sample=True, top_k=5, seed=4, eos_token_id=[])
     np.testing.assert_array_equal(model.generate([PROMPT_MID], generation_config=config), expected)
