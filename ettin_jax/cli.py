@@ -1,4 +1,4 @@
-"""The `ettin-jax` command line: `convert`, `generate`, `run` and `train classify|lm`. Nothing
+"""The `ettin-jax` command line: `convert`, `generate`, `run`, `serve` and `train classify|lm`. Nothing
 imports this module; it imports the rest."""
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import numpy as np
 from flax import nnx
 
 import ettin_jax.train
-from ettin_jax import compile_cache, distributed, files, jobs, modeling, sharding
+from ettin_jax import compile_cache, distributed, files, jobs, modeling, server, sharding
 from ettin_jax.convert import architecture, checkpoint_format, load_pretrained, resolve, save_pretrained
 from ettin_jax.errors import EttinError
 from ettin_jax.pipelines import pipeline
 
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MODEL_NAME = "ettin-jax-default"  # what `serve` calls the embedded default model
 # Files besides the weights that make a directory usable on its own (tokenizer, generation).
 _COMPANIONS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -172,6 +173,30 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(pipe(text)[0]))
         sys.stdout.flush()
+    return 0
+
+
+# ---- serve --------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    for flag in ("max_batch_size", "max_length", "max_n", "max_tokens", "max_logprobs", "max_body_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "max_logprobs" else 1):
+            raise CommandError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as f:  # OSError: one line, from main()
+            template = f.read()
+    config = server.ServerConfig(
+        model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+        api_key=args.api_key or os.environ.get(server.API_KEY_ENV) or None,
+        max_tokens=args.max_tokens, max_n=args.max_n, max_logprobs=args.max_logprobs,
+        max_body_bytes=args.max_body_bytes, chat_template=template,
+    )  # fmt: skip
+    generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=sharding.mesh_from_arg(args.mesh))
+    server.serve(
+        generator, config, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+        max_batch_size=args.max_batch_size, max_length=args.max_length,
+    )  # fmt: skip
     return 0
 
 
@@ -342,6 +367,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--dtype", choices=DTYPES, default="float32")
     run.set_defaults(run=_run)
+
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server",
+        description="Serve a causal LM over OpenAI's API (/v1/completions, /v1/chat/completions with a chat "
+        "template, /v1/models, /health, /metrics) on the continuous-batching engine. Plain HTTP on 127.0.0.1 by "
+        "default; put a reverse proxy in front for TLS. SIGTERM drains: no new requests, those in flight finish.",
+    )
+    serve.add_argument("--model", help=model_help)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key", help=f"require 'Authorization: Bearer KEY' on every request but /health (or ${server.API_KEY_ENV})"
+    )
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    serve.add_argument(
+        "--max-batch-size", type=int, help="decode slots: requests served at once (default: from device memory)"
+    )
+    serve.add_argument("--max-length", type=int, help="most tokens a request holds (default: the model's context)")
+    serve.add_argument("--dtype", choices=DTYPES, default="float32")
+    serve.add_argument("--mesh", help="device mesh, e.g. data=4,tensor=2 (default: one device)")
+    serve.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions")
+    serve.add_argument("--max-n", type=int, default=16, help="the most choices (n) a request may ask for")
+    serve.add_argument("--max-tokens", type=int, help="the most new tokens a request may ask for (default: context)")
+    serve.add_argument("--max-logprobs", type=int, default=20, help="the most top logprobs a request may ask for")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds that requests in flight get after SIGTERM"
+    )
+    serve.set_defaults(run=_serve)
 
     _add_train(commands)
     _add_compilation_cache_flag(parser)

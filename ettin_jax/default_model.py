@@ -33,7 +33,7 @@ def config() -> ModernBertDecoderConfig:
     )  # fmt: skip
 
 
-def _tokenizer():
+def byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,7 +61,7 @@ def path() -> str:
         # Every process builds its own copy (hosts need not share a disk), so this is no
         # save_pretrained, which only process 0 writes.
         write_transformers(model, staging, transformers_state_dict(model))
-        _tokenizer().save_pretrained(staging)
+        byte_tokenizer().save_pretrained(staging)
         try:
             os.replace(staging, target)
         except OSError:  # another process built it first

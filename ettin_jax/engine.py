@@ -115,11 +115,35 @@ def _after(tokens, generated, params: Params) -> tuple[Array, Array]:
     return generated, stopped
 
 
+@flax.struct.dataclass
+class Logprobs:
+    """Raw log-probabilities (the model's own distribution, before any logits processor, as
+    vLLM reports them) of the chosen tokens (...,) and the `top` most likely ones (..., top)."""
+
+    chosen: Array  # float32
+    top_values: Array  # float32, descending
+    top_ids: Array  # int32
+
+
+def _logprobs(logits: Array, tokens: Array, top: int) -> Logprobs | None:
+    """None when `top` is 0 (static: no request asked for logprobs), else the `Logprobs` of
+    logits (B, V) float32 and the chosen tokens (B,)."""
+    if not top:
+        return None
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    values, ids = jax.lax.top_k(logprobs, top)
+    return Logprobs(jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0], values, ids.astype(jnp.int32))
+
+
 # ---- the programs -----------------------------------------------------------------------------
-@functools.partial(compilation.jit, static_argnames=("graphdef", "steps", "flags", "width"), donate_argnames=("slots",))
-def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...], width: int):
+@functools.partial(
+    compilation.jit, static_argnames=("graphdef", "steps", "flags", "width", "top"), donate_argnames=("slots",)
+)
+def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...], width: int,
+                    top: int):  # fmt: skip
     """`steps` decode steps for the first `width` slots (the others are free); returns the slots,
-    the tokens (steps, width) and which of them belong to a request (steps, width)."""
+    the tokens (steps, width), which of them belong to a request (steps, width), and their
+    `Logprobs` (steps, width, ...) when `top` > 0."""
     model = nnx.merge(graphdef, state)
     everything, slots = slots, jax.tree.map(lambda x: x[:width], slots)
     batch = width
@@ -128,6 +152,7 @@ def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags:
         out = model.model(slots.tokens[:, None], position_ids=slots.positions[:, None], past_key_values=slots.cache)
         logits = model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32)
         tokens = _choose(logits, slots.seen, slots.generated, slots.params, flags)
+        logprobs = _logprobs(logits, tokens, top)
         generated, stopped = _after(tokens, slots.generated, slots.params)
         emitted = slots.active
         slots = slots.replace(
@@ -138,12 +163,12 @@ def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags:
             active=emitted & ~stopped,
             seen=slots.seen.at[jnp.arange(batch), tokens].set(True),
         )
-        return slots, (tokens, emitted)
+        return slots, (tokens, emitted, logprobs)
 
-    slots, (tokens, emitted) = jax.lax.scan(step, slots, None, length=steps)
+    slots, (tokens, emitted, logprobs) = jax.lax.scan(step, slots, None, length=steps)
     if width < everything.tokens.shape[0]:
         slots = jax.tree.map(lambda whole, part: whole.at[:width].set(part), everything, slots)
-    return slots, tokens, emitted
+    return slots, tokens, emitted, logprobs
 
 
 @functools.partial(compilation.jit, donate_argnames=("slots",))
@@ -175,25 +200,25 @@ def _insert(slots: Slots, rows: Array, cache: Cache, first, positions, seen, par
     )
 
 
-def _first_tokens(logits, ids, valid, params: Params, flags):
-    """The first new token of each prefilled row (logits (P, V) float32), its `seen` row, and
-    whether it ends the request."""
+def _first_tokens(logits, ids, valid, params: Params, flags, top: int):
+    """The first new token of each prefilled row (logits (P, V) float32), its `seen` row,
+    whether it ends the request, and its `Logprobs` (when `top` > 0)."""
     seen = _prompt_tokens(ids, valid, logits.shape[-1])
     first = _choose(logits, seen, jnp.zeros(ids.shape[:1], jnp.int32), params, flags)
     _, stopped = _after(first, jnp.zeros_like(first), params)
-    return first, seen.at[jnp.arange(ids.shape[0]), first].set(True), stopped
+    return first, seen.at[jnp.arange(ids.shape[0]), first].set(True), stopped, _logprobs(logits, first, top)
 
 
-@functools.partial(compilation.jit, static_argnames=("graphdef", "flags"), donate_argnames=("slots",))
-def _prefill_program(graphdef, state, kernel, slots: Slots, rows, ids, valid, params: Params, *, flags):
+@functools.partial(compilation.jit, static_argnames=("graphdef", "flags", "top"), donate_argnames=("slots",))
+def _prefill_program(graphdef, state, kernel, slots: Slots, rows, ids, valid, params: Params, *, flags, top):
     """Prefills P left-padded prompts (P, T) and writes them into the slots `rows` (P,);
-    returns the slots, the first tokens (P,) and which requests they ended."""
+    returns the slots, the first tokens (P,), which requests they ended, and their `Logprobs`."""
     model = nnx.merge(graphdef, state)
     length = max(layer.slots for layer in slots.cache.layers)  # max_length: a global layer's slots
     logits, positions, cache = _prefill(model, ids, valid, length, kernel)
-    first, seen, stopped = _first_tokens(logits, ids, valid, params, flags)
+    first, seen, stopped, logprobs = _first_tokens(logits, ids, valid, params, flags, top)
     slots = _insert(slots, rows, cache, first, positions, seen, params, stopped)
-    return slots, first, stopped
+    return slots, first, stopped, logprobs
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -204,9 +229,9 @@ def _chunk_program(graphdef, state, cache: Cache, ids, valid, positions):
     return out.past_key_values
 
 
-@functools.partial(compilation.jit, static_argnames=("graphdef", "flags"), donate_argnames=("slots",))
+@functools.partial(compilation.jit, static_argnames=("graphdef", "flags", "top"), donate_argnames=("slots",))
 def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, prompt_valid, ids, valid, positions,
-                          params, *, flags):  # fmt: skip
+                          params, *, flags, top):  # fmt: skip
     """The last chunk of a long prompt, its first token, and the request written into its slot."""
     model = nnx.merge(graphdef, state)
     out = model.model(
@@ -214,47 +239,59 @@ def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, p
         rows=jnp.full((1, 1), ids.shape[1] - 1, jnp.int32),
     )  # fmt: skip
     logits = model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32)
-    first, seen, stopped = _first_tokens(logits, prompt, prompt_valid, params, flags)
+    first, seen, stopped, logprobs = _first_tokens(logits, prompt, prompt_valid, params, flags, top)
     slots = _insert(slots, rows, out.past_key_values, first, positions[:, -1] + 1, seen, params, stopped)
-    return slots, first, stopped
+    return slots, first, stopped, logprobs
 
 
 # ---- requests ---------------------------------------------------------------------------------
 class Request:
     """A submitted request: its new tokens as they come (`tokens`), and `done`, `error` and
-    `finish_reason` ("stop" or "length") once it ends. `stream()` yields tokens as they are
-    made; `result()` waits for the end; `cancel()` frees its slot."""
+    `finish_reason` ("stop", "length" or "cancelled") once it ends. With `logprobs` (a number of
+    top tokens, 0 for none) each token's raw log-probability comes too: `token_logprobs[i]` and
+    `top_logprobs[i]` ((token, logprob) pairs, most likely first) are set before `tokens[i]`.
+    `stream()` yields tokens as they are made; `result()` waits for the end; `cancel()` frees
+    its slot. `on_update(request)` is called in the engine's thread whenever the request gets
+    new tokens or ends (a server wakes its client with it)."""
 
-    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig, on_token: Callable | None):
-        self.engine, self.prompt, self.config = engine, prompt, config
+    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig, logprobs: int | None,
+                 on_update: Callable[[Request], None] | None):  # fmt: skip
+        self.engine, self.prompt, self.config, self.logprobs = engine, prompt, config, logprobs
         self.limits: Limits | None = None  # set once the request is checked
         self.tokens: list[int] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.done = False
         self.error: str | None = None
         self.finish_reason: str | None = None
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
-        self._on_token = on_token
+        self._on_update = on_update
         self._cancelled = False
         self._changed = threading.Condition(engine._lock)
 
-    def _emit(self, tokens: Sequence[int]) -> None:
+    def _emit(self, tokens: Sequence[int], logprobs: Sequence[tuple[float, list[tuple[int, float]]]] = ()) -> None:
         if self.first_token_at is None and tokens:
             self.first_token_at = time.perf_counter()
+        for chosen, top in logprobs:
+            self.token_logprobs.append(chosen)
+            self.top_logprobs.append(top[: self.logprobs])
         self.tokens.extend(tokens)
-        if self._on_token is not None:
-            for token in tokens:
-                self._on_token(token)
-        self._changed.notify_all()
+        self._notify()
 
     def _finish(self, reason: str | None, error: str | None = None) -> None:
         self.done, self.finish_reason, self.error = True, reason, error
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.notify_all()
+        if self._on_update is not None:
+            self._on_update(self)
 
     def cancel(self) -> None:
-        """Stops the request; its slot is freed at the next round."""
-        with self.engine._lock:
-            self._cancelled = True
+        """Stops the request; its slot is freed at the next round. Safe from any thread, and
+        does not wait for the round in progress."""
+        self._cancelled = True
 
     def stream(self) -> Iterator[int]:
         """The new tokens as they are made; drives the engine itself when no thread runs it."""
@@ -301,7 +338,8 @@ class Engine:
     at most 64). `max_length`: the most tokens (prompt + new) a request may hold (default:
     max_position_embeddings). `steps_per_call`: decode steps per host round trip.
     `prefill_batch`: prompts prefilled together. `prefill_chunk`: longer prompts are prefilled
-    this many tokens per round. `max_queue`: requests waiting before `submit` blocks."""
+    this many tokens per round. `max_queue`: requests waiting before `submit` blocks.
+    `max_logprobs`: the most top tokens a request may ask log-probabilities for."""
 
     def __init__(
         self,
@@ -313,6 +351,7 @@ class Engine:
         prefill_batch: int = 4,
         prefill_chunk: int = 256,
         max_queue: int = 1024,
+        max_logprobs: int = 20,
     ):
         config = model.config
         self.model, self.config = model, config
@@ -322,7 +361,8 @@ class Engine:
                 f"max_length {self.max_length} must lie in [1, {config.max_position_embeddings}] (max_position_embeddings)"
             )
         for name, value in (("steps_per_call", steps_per_call), ("prefill_batch", prefill_batch),
-                            ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)):  # fmt: skip
+                            ("prefill_chunk", prefill_chunk), ("max_queue", max_queue),
+                            ("max_logprobs", max_logprobs)):  # fmt: skip
             if not isinstance(value, int) or value < 1:
                 raise GenerationError(f"{name} must be a positive integer, got {value!r}")
         self.graphdef, self.state = nnx.split(model)
@@ -334,7 +374,7 @@ class Engine:
         self.batch = -(-batch // ways) * ways
         self.steps_per_call, self.prefill_batch = steps_per_call, prefill_batch
         self.prefill_chunk = bucket(prefill_chunk)
-        self.max_queue = max_queue
+        self.max_queue, self.max_logprobs = max_queue, max_logprobs
         with sharding.activate(self.mesh):
             kernel = _output_kernel(model, self.graphdef, self.state)
             self.kernel = _output_kernel_program(self.graphdef, self.state) if kernel is None else kernel
@@ -342,8 +382,12 @@ class Engine:
         self.requests: list[Request | None] = [None] * self.batch  # by slot
         self.queue: collections.deque[Request] = collections.deque()
         self.prefilling: _Prefilling | None = None
-        self._lock = threading.RLock()
-        self._room = threading.Condition(self._lock)
+        self._lock = threading.RLock()  # held for a whole round
+        # With a thread running the rounds, `submit` only appends to the inbox (no waiting for
+        # the round in progress); each round starts by moving the inbox to the queue.
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._wake = threading.Event()  # set by submit: an idle thread starts a round at once
+        self._room = threading.Condition()  # notified when the queue has room
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"rounds": 0, "slot_steps": 0, "useful_steps": 0, "tokens": 0, "requests": 0,
@@ -363,14 +407,18 @@ class Engine:
         prompt: Sequence[int],
         generation_config: GenerationConfig | None = None,
         *,
-        on_token: Callable[[int], None] | None = None,
+        logprobs: int | None = None,
+        on_update: Callable[[Request], None] | None = None,
         **kwargs: Any,
     ) -> Request:
-        """Queues a request: `prompt` token ids, and `generate`'s arguments. A request that cannot
-        run (empty, too long, ids outside the vocabulary, a bad argument) comes back ended, with
-        its `error`; the others are not affected. A full queue blocks until there is room."""
-        request = Request(self, [int(t) for t in prompt], GenerationConfig(), on_token)
+        """Queues a request: `prompt` token ids, and `generate`'s arguments; `logprobs` and
+        `on_update` as `Request` describes them. A request that cannot run (empty, too long, ids
+        outside the vocabulary, a bad argument) comes back ended, with its `error`; the others
+        are not affected. A full queue blocks until there is room."""
+        request = Request(self, [int(t) for t in prompt], GenerationConfig(), logprobs, on_update)
         try:
+            if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.max_logprobs):
+                raise GenerationError(f"logprobs must be an integer in [0, {self.max_logprobs}], got {logprobs!r}")
             config = (generation_config or GenerationConfig()).replace(**kwargs)
             request.config = config
             if config.num_return_sequences != 1:
@@ -387,15 +435,18 @@ class Engine:
             with self._lock:
                 request._finish("length")
             return request
+        if self._thread is not None:
+            with self._room:
+                while len(self.queue) + len(self._inbox) >= self.max_queue and self._thread is not None:
+                    self._room.wait(timeout=0.1)
+            self._inbox.append(request)
+            self._wake.set()
+            return request
         with self._lock:
             while len(self.queue) >= self.max_queue:
-                if self._thread is None:
-                    self.step()  # no thread drives the engine: make room ourselves
-                else:
-                    self._room.wait()
+                self.step()  # no thread drives the engine: make room ourselves
             self.queue.append(request)
             self.stats["requests"] += 1
-            self._room.notify_all()
         return request
 
     # ---- one round ------------------------------------------------------------------------
@@ -403,6 +454,9 @@ class Engine:
         """One round: admit, decode `steps_per_call` steps, hand out tokens. False when idle."""
         with self._lock:
             start = time.perf_counter()
+            while self._inbox:
+                self.queue.append(self._inbox.popleft())
+                self.stats["requests"] += 1
             self._drop_cancelled()
             admitted = self._admit()
             prefill = time.perf_counter() - start
@@ -411,16 +465,18 @@ class Engine:
                 self.stats["host_s"] += time.perf_counter() - start - prefill
                 return admitted or bool(self.queue) or self.prefilling is not None
             flags, width = self._flags(), self._width()
+            top = self._top(self.requests[:width])
             before = time.perf_counter()
             with sharding.activate(self.mesh):
-                self.slots, tokens, emitted = _decode_program(
+                self.slots, tokens, emitted, logprobs = _decode_program(
                     self.graphdef, self.state, self.kernel, self.slots, steps=self.steps_per_call, flags=flags,
-                    width=width,
+                    width=width, top=top,
                 )  # fmt: skip
-                tokens, emitted, active = (
+                tokens, emitted, active, logprobs = (
                     sharding.to_host(tokens),
                     sharding.to_host(emitted),
                     sharding.to_host(self.slots.active),
+                    None if logprobs is None else jax.tree.map(sharding.to_host, logprobs),
                 )
             after = time.perf_counter()
             self.stats["device_s"] += after - before
@@ -430,9 +486,10 @@ class Engine:
             for slot, request in enumerate(self.requests[:width]):
                 if request is None:
                     continue
-                new = tokens[emitted[:, slot], slot].tolist()
+                steps = emitted[:, slot]
+                new = tokens[steps, slot].tolist()
                 self.stats["tokens"] += len(new)
-                request._emit(new)
+                request._emit(new, _entries(logprobs, (steps, slot)) if request.logprobs is not None else ())
                 if not active[slot]:
                     self._end(slot, "stop" if new and new[-1] in request.limits.eos else "length")
             self.stats["host_s"] += time.perf_counter() - start - (after - before) - prefill
@@ -457,7 +514,6 @@ class Engine:
     def _end(self, slot: int, reason: str) -> None:
         self.requests[slot]._finish(reason)
         self.requests[slot] = None
-        self._room.notify_all()
 
     def _drop_cancelled(self) -> None:
         for slot, request in enumerate(self.requests):
@@ -470,6 +526,11 @@ class Engine:
         if self.prefilling is not None and self.prefilling.request._cancelled:
             self.prefilling.request._finish("cancelled")
             self.prefilling = None
+
+    def _top(self, requests: Sequence[Request | None]) -> int:
+        """How many top log-probabilities the programs compute (static): 0 when no request wants
+        them, else the engine's `max_logprobs` (one program, whatever each request asks)."""
+        return self.max_logprobs if any(r is not None and r.logprobs is not None for r in requests) else 0
 
     def _flags(self) -> tuple[bool, ...]:
         """Which logits processors the live requests use (any of them): part of the program."""
@@ -507,7 +568,8 @@ class Engine:
                 self.queue.remove(request)
             self._prefill(group, free[: len(group)])
             moved = True
-        self._room.notify_all()
+        with self._room:
+            self._room.notify_all()
         self.stats["prefill_s"] += time.perf_counter() - started
         return moved
 
@@ -538,11 +600,12 @@ class Engine:
         )
         return Params(*(np.asarray(col, dtype) for col, dtype in zip(columns, dtypes, strict=True)))
 
-    def _after_prefill(self, requests: Sequence[Request], slots: Sequence[int], first, stopped) -> None:
+    def _after_prefill(self, requests: Sequence[Request], slots: Sequence[int], first, stopped, logprobs) -> None:
         first, stopped = sharding.to_host(first), sharding.to_host(stopped)
+        logprobs = None if logprobs is None else jax.tree.map(sharding.to_host, logprobs)
         for i, (request, slot) in enumerate(zip(requests, slots, strict=False)):
             token = int(first[i])
-            request._emit([token])
+            request._emit([token], _entries(logprobs, ([i],)) if request.logprobs is not None else ())
             self.stats["tokens"] += 1
             if stopped[i]:
                 request._finish("stop" if token in request.limits.eos else "length")
@@ -562,11 +625,12 @@ class Engine:
         targets[: len(group)] = slots
         params = self._params([*group, *([None] * (rows - len(group)))])
         flags = tuple(any(f) for f in zip(*(r.config.static() for r in group), strict=True))
+        top = self._top(group)
         with sharding.activate(self.mesh):
-            self.slots, first, stopped = _prefill_program(
-                self.graphdef, self.state, self.kernel, self.slots, targets, ids, valid, params, flags=flags
+            self.slots, first, stopped, logprobs = _prefill_program(
+                self.graphdef, self.state, self.kernel, self.slots, targets, ids, valid, params, flags=flags, top=top
             )
-        self._after_prefill(group, slots, first, stopped)
+        self._after_prefill(group, slots, first, stopped, logprobs)
 
     def _start_chunked(self, request: Request, slot: int) -> None:
         chunk = self.prefill_chunk
@@ -592,12 +656,12 @@ class Engine:
                 p.done_chunks += 1
                 return True
             flags = p.request.config.static()
-            self.slots, first, stopped = _chunk_finish_program(
+            self.slots, first, stopped, logprobs = _chunk_finish_program(
                 self.graphdef, self.state, self.kernel, self.slots, np.asarray([p.slot], np.int32), p.cache, p.ids,
-                p.valid, ids, valid, positions, self._params([p.request]), flags=flags,
+                p.valid, ids, valid, positions, self._params([p.request]), flags=flags, top=self._top([p.request]),
             )  # fmt: skip
         self.prefilling = None
-        self._after_prefill([p.request], [p.slot], first, stopped)
+        self._after_prefill([p.request], [p.slot], first, stopped, logprobs)
         return True
 
     # ---- running --------------------------------------------------------------------------
@@ -615,18 +679,15 @@ class Engine:
         self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                if self._stop:
-                    return
-                idle = not self.step()
-                if idle:
-                    self._room.wait(timeout=0.05)
+        while not self._stop:
+            self._wake.clear()  # a submit from here on wakes the wait below
+            if not self.step():
+                self._wake.wait(timeout=0.05)
 
     def stop(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._room.notify_all()
+        """Stops the thread after its round; requests still queued or in slots stay there."""
+        self._stop = True
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -634,6 +695,15 @@ class Engine:
     def utilisation(self) -> float:
         """Slot-steps that made a token of a request, over all slot-steps decoded."""
         return self.stats["useful_steps"] / max(self.stats["slot_steps"], 1)
+
+
+def _entries(logprobs: Logprobs, where: tuple) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(chosen logprob, [(token, logprob), ...]) of the tokens that `where` picks from host
+    `Logprobs` arrays ((steps, slot) of a decode, or ([row],) of a prefill)."""
+    chosen, values, ids = logprobs.chosen[where], logprobs.top_values[where], logprobs.top_ids[where]
+    top = values.shape[-1]
+    rows = zip(chosen.reshape(-1), values.reshape(-1, top), ids.reshape(-1, top), strict=True)
+    return [(float(c), list(zip(map(int, i), map(float, v), strict=True))) for c, v, i in rows]
 
 
 def _empty_slots(config, batch: int, length: int, dtype) -> Slots:

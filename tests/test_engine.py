@@ -125,11 +125,14 @@ def test_streams_tokens_from_a_background_thread(causal_pair):
     try:
         prompt = random_ids(1, 7, seed=8)[0].tolist()
         seen = []
-        request = engine.submit(prompt, max_new_tokens=9, eos_token_id=[], on_token=seen.append)
+        request = engine.submit(
+            prompt, max_new_tokens=9, eos_token_id=[], on_update=lambda r: seen.append((len(r.tokens), r.done))
+        )
         streamed = list(request.stream())
     finally:
         engine.stop()
-    assert streamed == seen == request.tokens == alone(model, prompt, max_new_tokens=9, eos_token_id=[])
+    assert streamed == request.tokens == alone(model, prompt, max_new_tokens=9, eos_token_id=[])
+    assert seen[-1] == (9, True) and len(seen) >= 2  # told of new tokens, then of the end
     assert request.first_token_at is not None
 
 
@@ -145,3 +148,27 @@ def test_the_engine_on_a_mesh_equals_one_device(causal_pair):
     batch = prompts(6, 30, seed=9)
     kwargs = dict(max_new_tokens=8, eos_token_id=[5, 9], max_batch_size=4, prefill_chunk=16)
     assert copy.generate_batch(batch, **kwargs) == model.generate_batch(batch, **kwargs)
+
+
+def test_logprobs_are_the_models_own_and_do_not_change_the_tokens(causal_pair):
+    """Each token's raw log-probability and the top ones equal a forward pass over the prompt
+    and the tokens before it (float32, 1e-5), whether the token came from the prefill or a
+    decode step, sampled or not, beside a request that asks for none."""
+    _, model = causal_pair
+    engine = Engine(model, max_batch_size=4, max_length=64, steps_per_call=3, max_logprobs=5)
+    prompt = random_ids(1, 6, seed=11)[0].tolist()
+    kwargs = dict(max_new_tokens=7, eos_token_id=[], do_sample=True, seed=3)
+    asked = engine.submit(prompt, logprobs=3, **kwargs)
+    plain = engine.submit(prompt, **kwargs)
+    engine.run()
+    assert asked.tokens == plain.tokens and plain.token_logprobs == []
+    sequence = np.asarray([prompt + asked.tokens])
+    logits = np.asarray(model(sequence).logits[0, len(prompt) - 1 : -1], np.float64)
+    expected = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    chosen = expected[np.arange(7), asked.tokens]
+    np.testing.assert_allclose(asked.token_logprobs, chosen, atol=1e-5)
+    for row, top in zip(expected, asked.top_logprobs, strict=True):
+        assert [t for t, _ in top] == np.argsort(-row)[:3].tolist()
+        np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:3], atol=1e-5)
+    bad = engine.submit(prompt, logprobs=6, max_new_tokens=2)
+    assert bad.done and "logprobs must be an integer in [0, 5]" in bad.error
