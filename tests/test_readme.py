@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,21 +34,29 @@ def run_block(lang: str, code: str, cwd: Path, env: dict[str, str]) -> None:
 def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
     assert [lang for lang, _ in found] == [
-        "bash", "python", "python", "python", "python", "python", "python", "bash", "python", "bash"
+        "bash", "python", "python", "python", "python", "python", "python", "bash", "python", "bash", "bash", "python",
+        "bash",
     ]  # fmt: skip
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     # The first block makes tiny-ettin and builds the default model. The rest only read those and
     # form two chains that share no file, run side by side, each in the README's order: one has
-    # tiny-ettin's examples and the mesh example; the other the pipelines and the fine-tuning.
+    # tiny-ettin's examples, the server's and the mesh example; the other the pipelines and the
+    # fine-tuning.
     run_block(*found[0], tmp_path, env)
 
     def run_chain(indices: tuple[int, ...]) -> None:
         for i in indices:
             run_block(*found[i], tmp_path, env)
 
-    with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(run_chain, (1, 2, 3, 4, 6, 9)), pool.submit(run_chain, (5, 7, 8))]:
-            done.result()  # re-raises a chain's failure
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(run_chain, (1, 2, 3, 4, 6, 7, 8, 9, 12)), pool.submit(run_chain, (5, 10, 11))]:
+                done.result()  # re-raises a chain's failure
+    finally:  # a failed block must not leave the README's server running
+        pid = tmp_path / "serve.pid"
+        if pid.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
