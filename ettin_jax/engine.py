@@ -7,21 +7,25 @@ length and RoPE position, the token to feed next, and its request's sampling val
 and stop tokens. A slot's cache takes 2 * N * H * (globals * max_length + slidings * window)
 values: 6.8 MB for 17m in float32 at max_length 1024, 595 MB for 1b in bfloat16 at 8192
 (`Engine.slot_bytes`). One round of `Engine.step()`:
-1. admit: queued requests with short prompts are prefilled several at a time (bucketed width,
-   a fixed number of rows), each row's first token chosen and its cache rows written into a free
-   slot, in one program; a long prompt is prefilled `prefill_chunk` tokens per round into a cache
+1. admit: queued requests with short prompts are prefilled several at a time (bucketed width
+   and rows), each row's first token chosen and its cache rows written into a free slot, moved
+   down so that its tokens sit at the slot's first cache slots (sequence indices from 0), in one
+   program; a long prompt is prefilled `prefill_chunk` tokens per round into a cache
    row of its own, so that decoding is never stalled for a whole prefill;
 2. decode: `steps_per_call` decode steps in one program (a `lax.scan`), so that the host's work
-   (reading tokens, refilling slots) is paid once per several steps;
+   (reading tokens, refilling slots) is paid once per several steps. It runs only the slots that
+   hold requests (a power of two of them, `_width`) and attends over only the sequence indices
+   they hold (a power of two, at least `MIN_SPAN`, `_span`): a server's `max_length` is the whole
+   context, and a step that read all of it would cost 4x more at 17m (8192 against 1024);
 3. the host hands each request its new tokens and frees the slots of those that ended.
 
 A request's tokens do not depend on its neighbours: every computation is per row, and a
 sampled token's randomness is `fold_in(key(seed), token index)`. Greedy tokens equal
 `model.generate` on the prompt alone.
 
-The programs: one prefill per prompt-width bucket up to `prefill_chunk`, one chunk step, one
-chunk finish, and one decode per set of logits processors in use; a stream of any length reuses
-them.
+The programs: one prefill per prompt-width and row bucket, one chunk step and one chunk finish
+per chunked-cache size, and one decode per width, span and set of logits processors in use; a
+stream of any length reuses them.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from ettin_jax.sampling import choose_rows, process_logits
 
 Array = jax.Array
 MAX_STOP_TOKENS = 8  # stop ids a request may name (EOS ids included)
+MIN_SPAN = 256  # the fewest sequence indices a decode step attends over (see Engine._span)
 DEFAULT_MEMORY = 2 << 30  # bytes for the KV cache when the device does not say how much it has
 
 
@@ -136,16 +141,32 @@ def _logprobs(logits: Array, tokens: Array, top: int) -> Logprobs | None:
 
 
 # ---- the programs -----------------------------------------------------------------------------
+def _cut(slots: Slots, width: int, span: int) -> Slots:
+    """The first `width` slots, and of the layers that hold a region of `max_length` tokens
+    (never a ring that wraps), the first `span` cache slots only: every live request's tokens lie
+    there, so attention reads `span` keys instead of `max_length`."""
+    longest = max(layer.slots for layer in slots.cache.layers)
+
+    def layer(c: LayerCache) -> LayerCache:
+        if c.slots == longest and span < longest:
+            return c.replace(k=c.k[:width, :, :span], v=c.v[:width, :, :span], index=c.index[:width, :span])
+        return jax.tree.map(lambda x: x[:width], c)
+
+    rest = jax.tree.map(lambda x: x[:width], slots.replace(cache=None))
+    return rest.replace(cache=Cache(tuple(map(layer, slots.cache.layers)), slots.cache.length[:width]))
+
+
 @functools.partial(
-    compilation.jit, static_argnames=("graphdef", "steps", "flags", "width", "top"), donate_argnames=("slots",)
+    compilation.jit, static_argnames=("graphdef", "steps", "flags", "width", "span", "top"), donate_argnames=("slots",)
 )
 def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...], width: int,
-                    top: int):  # fmt: skip
-    """`steps` decode steps for the first `width` slots (the others are free); returns the slots,
-    the tokens (steps, width), which of them belong to a request (steps, width), and their
-    `Logprobs` (steps, width, ...) when `top` > 0."""
+                    span: int, top: int):  # fmt: skip
+    """`steps` decode steps for the first `width` slots (the others are free), attending over
+    the first `span` sequence indices (`_cut`); returns the slots, the tokens (steps, width),
+    which of them belong to a request (steps, width), and their `Logprobs` (steps, width, ...)
+    when `top` > 0."""
     model = nnx.merge(graphdef, state)
-    everything, slots = slots, jax.tree.map(lambda x: x[:width], slots)
+    everything, slots = slots, _cut(slots, width, span)
     batch = width
 
     def step(slots: Slots, _):
@@ -166,8 +187,9 @@ def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags:
         return slots, (tokens, emitted, logprobs)
 
     slots, (tokens, emitted, logprobs) = jax.lax.scan(step, slots, None, length=steps)
-    if width < everything.tokens.shape[0]:
-        slots = jax.tree.map(lambda whole, part: whole.at[:width].set(part), everything, slots)
+    # The decoded part back in place: an in-place update of the donated buffers.
+    slots = jax.tree.map(lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim),
+                         everything, slots)  # fmt: skip
     return slots, tokens, emitted, logprobs
 
 
@@ -177,22 +199,40 @@ def _move_program(slots: Slots, source: Array, target: Array) -> Slots:
     return jax.tree.map(lambda x: x.at[target].set(x[source]), slots)
 
 
-def _insert(slots: Slots, rows: Array, cache: Cache, first, positions, seen, params: Params, stopped) -> Slots:
+def _compact(layer: LayerCache, pad: Array) -> LayerCache:
+    """A prefilled layer cache (P rows) with each row's tokens moved down by its `pad` (P,)
+    leading padding tokens: sequence indices from 0, slot = index % slots. A row then holds its
+    request's tokens at the first slots, which is what lets a decode attend over a span."""
+    src = (jnp.arange(layer.slots)[None, :] + pad[:, None]) % layer.slots  # (P, S): old slot of new slot j
+    index = jnp.take_along_axis(layer.index, src, axis=1)
+    take = lambda a: jnp.take_along_axis(a, src[:, None, :, None], axis=2)  # noqa: E731
+    return layer.replace(k=take(layer.k), v=take(layer.v), index=jnp.where(index >= 0, index - pad[:, None], -1))
+
+
+def _insert(slots: Slots, rows: Array, cache: Cache, first, lengths, seen, params: Params, stopped) -> Slots:
     """Writes prefilled requests into the slots `rows` (P,) (B for none: dropped): their cache
-    rows (preallocated like the slots'), first token, next position, seen tokens and params."""
+    rows, compacted (`_compact`) into the slots' first cache slots (the rest marked empty),
+    first token, length (`lengths` (P,): prompt tokens, also the next RoPE position), seen
+    tokens and params."""
 
     def put(target: Array, value: Array) -> Array:
         return target.at[rows].set(value.astype(target.dtype), mode="drop")
 
     def put_layer(target: LayerCache, new: LayerCache) -> LayerCache:
-        return target.replace(k=put(target.k, new.k), v=put(target.v, new.v), index=put(target.index, new.index))
+        new = _compact(new, jnp.broadcast_to(cache.length, lengths.shape) - lengths)
+        n = min(new.slots, target.slots)  # slots past a prompt hold nothing once compacted
+        index = jnp.pad(new.index[:, :n], [(0, 0), (0, target.slots - n)], constant_values=-1)
+
+        def put_kv(t: Array, value: Array) -> Array:
+            return t.at[rows, :, :n].set(value[:, :, :n].astype(t.dtype), mode="drop")
+
+        return target.replace(k=put_kv(target.k, new.k), v=put_kv(target.v, new.v), index=put(target.index, index))
 
     layers = tuple(put_layer(t, n) for t, n in zip(slots.cache.layers, cache.layers, strict=True))
-    length = put(slots.cache.length, jnp.broadcast_to(cache.length, rows.shape))
     return slots.replace(
-        cache=Cache(layers, length),
+        cache=Cache(layers, put(slots.cache.length, lengths)),
         tokens=put(slots.tokens, first),
-        positions=put(slots.positions, positions),
+        positions=put(slots.positions, lengths),
         generated=put(slots.generated, jnp.ones_like(first)),
         active=put(slots.active, ~stopped),
         seen=put(slots.seen, seen),
@@ -214,8 +254,7 @@ def _prefill_program(graphdef, state, kernel, slots: Slots, rows, ids, valid, pa
     """Prefills P left-padded prompts (P, T) and writes them into the slots `rows` (P,);
     returns the slots, the first tokens (P,), which requests they ended, and their `Logprobs`."""
     model = nnx.merge(graphdef, state)
-    length = max(layer.slots for layer in slots.cache.layers)  # max_length: a global layer's slots
-    logits, positions, cache = _prefill(model, ids, valid, length, kernel)
+    logits, positions, cache = _prefill(model, ids, valid, ids.shape[1], kernel)
     first, seen, stopped, logprobs = _first_tokens(logits, ids, valid, params, flags, top)
     slots = _insert(slots, rows, cache, first, positions, seen, params, stopped)
     return slots, first, stopped, logprobs
@@ -465,12 +504,12 @@ class Engine:
                 self.stats["host_s"] += time.perf_counter() - start - prefill
                 return admitted or bool(self.queue) or self.prefilling is not None
             flags, width = self._flags(), self._width()
-            top = self._top(self.requests[:width])
+            top, span = self._top(self.requests[:width]), self._span()
             before = time.perf_counter()
             with sharding.activate(self.mesh):
                 self.slots, tokens, emitted, logprobs = _decode_program(
                     self.graphdef, self.state, self.kernel, self.slots, steps=self.steps_per_call, flags=flags,
-                    width=width, top=top,
+                    width=width, span=span, top=top,
                 )  # fmt: skip
                 tokens, emitted, active, logprobs = (
                     sharding.to_host(tokens),
@@ -510,6 +549,13 @@ class Engine:
             live = list(range(len(live)))
         ways = sharding.batch_ways(self.mesh)
         return min(self.batch, max(ways, bucket(live[-1] + 1, 1)))
+
+    def _span(self) -> int:
+        """The sequence indices the next decode reads: a power of two (at least `MIN_SPAN`) that
+        holds every live request's tokens and the `steps_per_call` it may add, so that a decode
+        step's attention costs what the requests hold, not `max_length` (a program per span)."""
+        held = max(len(r.prompt) + len(r.tokens) for r in self.requests if r is not None)
+        return min(self.max_length, bucket(held + self.steps_per_call, MIN_SPAN))
 
     def _end(self, slot: int, reason: str) -> None:
         self.requests[slot]._finish(reason)
@@ -614,7 +660,9 @@ class Engine:
 
     def _prefill(self, group: list[Request], slots: list[int]) -> None:
         width = bucket(max(len(r.prompt) for r in group), maximum=self.prefill_chunk)
-        rows = self.prefill_batch
+        # As many rows as prompts, bucketed (a program per bucket): a server's slots free up one
+        # or two at a time, and a fixed `prefill_batch` rows would mostly prefill filler.
+        rows = min(self.prefill_batch, bucket(len(group), 1))
         ids = np.zeros((rows, width), np.int32)
         valid = np.zeros((rows, width), bool)
         for i, request in enumerate(group):
@@ -641,7 +689,7 @@ class Engine:
         valid[0, width - len(request.prompt) :] = True
         positions = np.where(valid, np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
         dtype = self.slots.cache.layers[0].k.dtype
-        cache = init_cache(self.config, 1, self.max_length, dtype)
+        cache = init_cache(self.config, 1, min(bucket(width), self.max_length), dtype)
         self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions)
         self._advance_chunked()
 

@@ -184,6 +184,15 @@ class Metrics:
             f"# HELP {p}_slots Decode slots.",
             f"# TYPE {p}_slots gauge",
             f"{p}_slots {engine.batch}",
+            f"# HELP {p}_engine_seconds_total The engine's time, by part: prefill, decode (device), host.",
+            f"# TYPE {p}_engine_seconds_total counter",
+            *(
+                f'{p}_engine_seconds_total{{part="{part}"}} {engine.stats[key]:.3f}'
+                for part, key in (("prefill", "prefill_s"), ("decode", "device_s"), ("host", "host_s"))
+            ),
+            f"# HELP {p}_slot_utilisation Decoded slot-steps that made a token of a request.",
+            f"# TYPE {p}_slot_utilisation gauge",
+            f"{p}_slot_utilisation {engine.utilisation():.4f}",
             f"# HELP {p}_time_to_first_token_seconds From a request's arrival to its first token.",
             f"# TYPE {p}_time_to_first_token_seconds histogram",
         ]

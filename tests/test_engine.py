@@ -34,14 +34,19 @@ def prompts(count: int, longest: int, seed: int) -> list[list[int]]:
     return [random_ids(1, int(n), seed=seed * 1000 + i)[0].tolist() for i, n in enumerate(lengths)]
 
 
-def test_greedy_equals_generate_alone_and_transformers(causal_pair):
+def test_greedy_equals_generate_alone_and_transformers(causal_pair, monkeypatch):
     """Ragged prompts, some longer than the chunk (prefilled a chunk per round) and than the
     window (4), outputs several windows long, stop tokens that end rows at different steps,
-    fewer slots than requests (slots refilled)."""
+    fewer slots than requests (slots refilled), decode steps that attend over 16, 32 or 64
+    sequence indices as the requests grow (the span)."""
     reference, model = causal_pair
+    monkeypatch.setattr(engine_module, "MIN_SPAN", 16)
+    spans, span = set(), Engine._span
+    monkeypatch.setattr(Engine, "_span", lambda self: spans.add(span(self)) or span(self))
     batch = prompts(10, 40, seed=1)
     kwargs = dict(max_new_tokens=14, eos_token_id=[5, 9])
     got = model.generate_batch(batch, **kwargs, max_batch_size=4, prefill_chunk=16, steps_per_call=3)
+    assert spans == {16, 32, 64}
     assert got == [alone(model, p, **kwargs) for p in batch]
     assert any(len(g) < 14 for g in got) and any(len(g) == 14 for g in got)  # both ways of ending
     longest = max(batch, key=len)
@@ -76,9 +81,10 @@ def test_a_stream_of_1000_requests_compiles_a_few_programs(causal_pair):
     before = sum(p._cache_size() for p in PROGRAMS)
     got = model.generate_batch(batch, max_new_tokens=new, max_batch_size=16, prefill_chunk=32, max_length=128)
     compiled = sum(p._cache_size() for p in PROGRAMS) - before
-    # Prefill widths 16 and 32, a chunk step, a chunk finish, decodes of 1, 2, 4, 8 and 16
-    # slots, a move: 10 (fewer if an earlier test compiled some with the same shapes).
-    assert compiled <= 10, compiled
+    # Prefills of widths 16 and 32 for 1, 2 and 4 prompts, a chunk step, a chunk finish, decodes
+    # of 1, 2, 4, 8 and 16 slots (one span: max_length is below MIN_SPAN), a move: 14 (fewer if an
+    # earlier test compiled some with the same shapes).
+    assert compiled <= 14, compiled
     assert [len(g) <= n for g, n in zip(got, new, strict=True)] == [True] * 1000
 
 
