@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -429,6 +430,7 @@ class Engine:
         self._room = threading.Condition()  # notified when the queue has room
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.error: str | None = None  # set if a round failed in the thread: the engine is stopped
         self.stats = {"rounds": 0, "slot_steps": 0, "useful_steps": 0, "tokens": 0, "requests": 0,
                       "host_s": 0.0, "device_s": 0.0, "prefill_s": 0.0}  # fmt: skip
 
@@ -466,6 +468,12 @@ class Engine:
             request.limits = resolve(self.config, config, len(request.prompt), self.max_length)
             if len(request.limits.eos) > MAX_STOP_TOKENS:
                 raise GenerationError(f"at most {MAX_STOP_TOKENS} stop token ids, got {len(request.limits.eos)}")
+            try:  # values the slots' int32 and float32 arrays cannot hold fail here, not in the engine's thread
+                self._params([request])
+            except (OverflowError, ValueError, TypeError) as e:
+                raise GenerationError(f"a generation argument is out of range: {e}") from None
+            if self.error is not None:
+                raise GenerationError(f"the engine has stopped after an error: {self.error}")
         except GenerationError as e:
             with self._lock:
                 request._finish(None, str(e))
@@ -729,8 +737,29 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop:
             self._wake.clear()  # a submit from here on wakes the wait below
-            if not self.step():
+            try:
+                idle = not self.step()
+            except Exception as e:  # a bug of ours: fail every request rather than leave them waiting
+                logging.getLogger(__name__).exception("the engine's round failed")
+                self._fail(f"{type(e).__name__}: {e}")
+                return
+            if idle:
                 self._wake.wait(timeout=0.05)
+
+    def _fail(self, error: str) -> None:
+        """Ends every request, queued or in a slot, with `error`; later submits fail at once."""
+        with self._lock:
+            self.error = error
+            while self._inbox:
+                self.queue.append(self._inbox.popleft())
+            waiting = [*self.queue, *(r for r in self.requests if r is not None)]
+            if self.prefilling is not None:
+                waiting.append(self.prefilling.request)
+            self.queue.clear()
+            self.requests = [None] * self.batch
+            self.prefilling = None
+            for request in waiting:
+                request._finish(None, f"the engine failed: {error}")
 
     def stop(self) -> None:
         """Stops the thread after its round; requests still queued or in slots stay there."""

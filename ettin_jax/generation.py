@@ -293,6 +293,9 @@ def resolve(config: ModernBertDecoderConfig, c: GenerationConfig, width: int, co
         eos = (c.eos_token_id,)
     else:
         eos = tuple(int(t) for t in c.eos_token_id)
+    bad = [t for t in eos if not 0 <= t < config.vocab_size]
+    if bad:
+        raise GenerationError(f"eos_token_id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
     pad = c.pad_token_id
     if pad is None:
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)

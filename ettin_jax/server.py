@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "ETTIN_JAX_API_KEY"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS)
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -93,14 +94,17 @@ class _StreamOptions(pydantic.BaseModel):
 
 
 class _Sampling(pydantic.BaseModel):
-    """The fields completions and chat share. Unknown fields are ignored, as OpenAI and vLLM do."""
+    """The fields completions and chat share. Unknown fields are ignored, as OpenAI and vLLM do;
+    NaN and infinite numbers (which Python's JSON reader accepts) are refused."""
+
+    model_config = pydantic.ConfigDict(allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = pydantic.Field(default=None, ge=0)
     top_p: float | None = pydantic.Field(default=None, gt=0, le=1)
     n: int = pydantic.Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = pydantic.Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: _StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -108,10 +112,10 @@ class _Sampling(pydantic.BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extra sampling fields
-    top_k: int | None = pydantic.Field(default=None, ge=-1)
+    top_k: int | None = pydantic.Field(default=None, ge=-1, lt=2**31)
     min_p: float | None = pydantic.Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = pydantic.Field(default=None, gt=0)
-    min_tokens: int = pydantic.Field(default=0, ge=0)
+    min_tokens: int = pydantic.Field(default=0, ge=0, lt=2**31)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
@@ -234,6 +238,8 @@ class _Choice:
         self.used += len(taken)
         if self.finish_reason is None and done:
             if request.error:
+                if request.engine.error is not None:  # not the request's fault
+                    raise APIError(500, request.error, kind="server_error")
                 raise APIError(400, request.error)
             piece += self.stream.finish()
             self.finish_reason = "stop" if self.stream.stopped else request.finish_reason
@@ -321,8 +327,14 @@ class Server:
         return asked
 
     def sampling(self, request: _Sampling, max_tokens: int) -> dict[str, Any]:
-        """The engine's (transformers') arguments for a request's fields."""
+        """The engine's (transformers') arguments for a request's fields. A temperature below
+        1e-5 is greedy, as in vLLM: dividing logits by it would overflow."""
         temperature = 1.0 if request.temperature is None else request.temperature
+        temperature = 0.0 if temperature < GREEDY_BELOW else temperature
+        vocab = self.model.config.vocab_size
+        bad = [t for t in request.stop_token_ids or [] if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})", "stop_token_ids")
         stops = [] if request.ignore_eos else list(self.model.config.eos_token_ids)
         stops += [t for t in request.stop_token_ids or [] if t not in stops]
         if len(stops) > MAX_STOP_TOKENS:
@@ -335,7 +347,7 @@ class Server:
             kwargs["temperature"] = temperature
             if request.top_p is not None and request.top_p < 1:
                 kwargs["top_p"] = request.top_p
-            if request.top_k is not None and request.top_k > 0:
+            if request.top_k is not None and 0 < request.top_k < vocab:
                 kwargs["top_k"] = request.top_k
             if request.min_p:
                 kwargs["min_p"] = request.min_p
@@ -529,8 +541,10 @@ def create_app(server: Server) -> fastapi.FastAPI:
     app.add_middleware(_Access, server=server)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if server.engine.error is not None:  # a bug of ours stopped the engine: take this server out
+            return JSONResponse({"status": "error", "error": server.engine.error}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:

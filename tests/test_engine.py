@@ -98,6 +98,9 @@ def test_a_bad_request_fails_alone(causal_pair):
         "empty": ([], {}, "is empty"),
         "outside the vocabulary": ([1, 5000], {}, "token id 5000 outside the vocabulary"),
         "unknown argument": (good, {"top_kk": 3}, "unknown argument"),
+        "a seed beyond 64 bits": (good, {"seed": 2**64, "do_sample": True}, "out of range"),
+        "a top_k beyond int32": (good, {"top_k": 2**40, "do_sample": True}, "out of range"),
+        "a stop id outside the vocabulary": (good, {"eos_token_id": [10**6]}, "eos_token_id 1000000 is outside"),
     }
     failed = {name: engine.submit(prompt, **kw) for name, (prompt, kw, _) in bad.items()}
     fine = engine.submit(good, max_new_tokens=5)
@@ -170,7 +173,11 @@ def test_logprobs_are_the_models_own_and_do_not_change_the_tokens(causal_pair):
     assert asked.tokens == plain.tokens and plain.token_logprobs == []
     sequence = np.asarray([prompt + asked.tokens])
     logits = np.asarray(model(sequence).logits[0, len(prompt) - 1 : -1], np.float64)
-    expected = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     chosen = expected[np.arange(7), asked.tokens]
     np.testing.assert_allclose(asked.token_logprobs, chosen, atol=1e-5)
     for row, top in zip(expected, asked.top_logprobs, strict=True):
@@ -178,3 +185,26 @@ def test_logprobs_are_the_models_own_and_do_not_change_the_tokens(causal_pair):
         np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:3], atol=1e-5)
     bad = engine.submit(prompt, logprobs=6, max_new_tokens=2)
     assert bad.done and "logprobs must be an integer in [0, 5]" in bad.error
+
+
+def test_a_failed_round_fails_every_request_instead_of_hanging(causal_pair, monkeypatch):
+    """A bug of ours inside the engine's thread ends every request with the error, and later
+    submits fail at once: nothing waits forever."""
+    _, model = causal_pair
+    engine = Engine(model, max_batch_size=2, max_length=64)
+
+    def broken(self):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Engine, "_admit", broken)
+    engine.start()
+    try:
+        requests = [engine.submit(random_ids(1, 5, seed=i)[0].tolist(), max_new_tokens=4) for i in range(3)]
+        for request in requests:
+            with pytest.raises(GenerationError, match="the engine failed: RuntimeError: injected"):
+                request.result()
+        late = engine.submit([1, 2], max_new_tokens=2)
+        assert late.done and "stopped after an error" in late.error
+    finally:
+        engine.stop()
+    assert engine.error == "RuntimeError: injected"
