@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "ETTIN_JAX_API_KEY"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+MAX_TEMPERATURE = 100.0  # beyond it logits are flat anyway; float32 would overflow at 3.4e38
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS)
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
@@ -100,7 +101,7 @@ class _Sampling(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(allow_inf_nan=False)
 
     model: str | None = None
-    temperature: float | None = pydantic.Field(default=None, ge=0)
+    temperature: float | None = pydantic.Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = pydantic.Field(default=None, gt=0, le=1)
     n: int = pydantic.Field(default=1, ge=1)
     stop: str | list[str] | None = None
@@ -288,6 +289,9 @@ class Server:
         request.unsupported()
         if request.n > self.config.max_n:
             raise APIError(400, f"n is {request.n}; this server allows at most {self.config.max_n} (--max-n)", "n")
+        if request.seed is not None and request.seed + request.n > 2**63:
+            raise APIError(400, f"seed + n - 1 must be below 2**63 (choice j samples with seed + j), got seed "
+                           f"{request.seed} and n {request.n}", "seed")  # fmt: skip
         return request
 
     def prompts(self, prompt: Any) -> tuple[list[list[int]], list[str]]:
@@ -365,12 +369,11 @@ class Server:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    async def run(self, http: fastapi.Request, prompts: list[list[int]], n: int, kwargs: dict[str, Any],
-                  seed: int | None, stops: list[str], logprobs: int | None,
-                  arrived: float) -> AsyncIterator[tuple[_Choice, str, list[int], bool]]:  # fmt: skip
+    def submit(self, prompts: list[list[int]], n: int, kwargs: dict[str, Any], seed: int | None,
+               stops: list[str], logprobs: int | None) -> tuple[list[_Choice], asyncio.Queue[int]]:  # fmt: skip
         """Submits n choices per prompt (choice j of a prompt with seed `seed + j`; without a
-        seed, each its own random one) and yields (choice, new text, new tokens, ended) as
-        they come. Cancels what is left if the client goes or the caller stops."""
+        seed, each its own random one); returns them and the queue their updates arrive on. A
+        request the engine refuses is an `APIError` here, before any response has started."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[int] = asyncio.Queue()
         choices = [
@@ -384,14 +387,26 @@ class Server:
 
             return update
 
-        try:
-            for k, choice in enumerate(choices):
-                choice_seed = secrets.randbits(31) if seed is None else seed + k % n
-                choice.request = self.engine.submit(
-                    choice.prompt, logprobs=logprobs, on_update=wake(k), seed=choice_seed, **kwargs
+        for k, choice in enumerate(choices):
+            choice_seed = secrets.randbits(31) if seed is None else seed + k % n
+            choice.request = self.engine.submit(
+                choice.prompt, logprobs=logprobs, on_update=wake(k), seed=choice_seed, **kwargs
+            )
+            if choice.request.error is not None:
+                _cancel(choices)
+                status, kind = (
+                    (500, "server_error") if self.engine.error is not None else (400, "invalid_request_error")
                 )
-                updates.put_nowait(k)  # a request may end at once (max_tokens 0)
-            self.metrics.prompt_tokens += sum(len(p) for p in prompts)
+                raise APIError(status, choice.request.error, kind=kind)
+            updates.put_nowait(k)  # a request may end at once (max_tokens 0)
+        self.metrics.prompt_tokens += sum(len(p) for p in prompts)
+        return choices, updates
+
+    async def events(self, http: fastapi.Request, choices: list[_Choice], updates: asyncio.Queue[int],
+                     arrived: float) -> AsyncIterator[tuple[_Choice, str, list[int], bool]]:  # fmt: skip
+        """(choice, new text, new tokens, ended) as they come. Cancels what is left if the
+        client goes or the caller stops."""
+        try:
             left, first = len(choices), True
             while left:
                 try:
@@ -412,9 +427,7 @@ class Server:
                 if piece or tokens or ended:
                     yield choice, piece, tokens, ended
         finally:
-            for choice in choices:
-                if choice.request is not None and not choice.request.done:
-                    choice.request.cancel()
+            _cancel(choices)
 
     def logprob_entries(self, choice: _Choice, start: int, tokens: list[int]) -> list[tuple[int, float, dict]]:
         """(token, logprob, {token text: logprob} of the top ones and the token) of `tokens`,
@@ -441,6 +454,12 @@ class Server:
                 entries.append((token, float(value), dict(sorted(top_map.items(), key=lambda kv: -kv[1]))))
             out.append(entries)
         return out
+
+
+def _cancel(choices: list[_Choice]) -> None:
+    for choice in choices:
+        if choice.request is not None and not choice.request.done:
+            choice.request.cancel()
 
 
 def _completion_logprobs(server: Server, entries: list[tuple[int, float | None, dict | None]], offset: int) -> dict:
@@ -571,7 +590,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
         top = request.logprobs
         echoed = await server.prompt_logprobs(prompts, top) if request.echo and top is not None else None
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = server.run(http, prompts, request.n, kwargs, request.seed, request.stops(), top, arrived)
+        choices, updates = server.submit(prompts, request.n, kwargs, request.seed, request.stops(), top)
+        events = server.events(http, choices, updates, arrived)
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             body = {"id": ident, "object": "text_completion", "created": created, "model": config.model_name,
@@ -660,7 +680,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
         asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         kwargs = server.sampling(request, server.budget(prompts, asked))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = server.run(http, prompts, request.n, kwargs, request.seed, request.stops(), top, arrived)
+        choices, updates = server.submit(prompts, request.n, kwargs, request.seed, request.stops(), top)
+        events = server.events(http, choices, updates, arrived)
 
         def usage(completion_tokens: int) -> dict:
             return {"prompt_tokens": len(prompts[0]), "completion_tokens": completion_tokens,
