@@ -287,8 +287,8 @@ def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, p
 # ---- requests ---------------------------------------------------------------------------------
 class Request:
     """A submitted request: its new tokens as they come (`tokens`), and `done`, `error` and
-    `finish_reason` ("stop", "length" or "cancelled") once it ends. With `logprobs` (a number of
-    top tokens, 0 for none) each token's raw log-probability comes too: `token_logprobs[i]` and
+    `finish_reason` ("stop", "length" or "cancelled") once it ends. With `logprobs` (how many
+    top tokens to report, 0 for the chosen one's only) each token's raw log-probability comes too: `token_logprobs[i]` and
     `top_logprobs[i]` ((token, logprob) pairs, most likely first) are set before `tokens[i]`.
     `stream()` yields tokens as they are made; `result()` waits for the end; `cancel()` frees
     its slot. `on_update(request)` is called in the engine's thread whenever the request gets
