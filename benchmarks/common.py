@@ -52,3 +52,24 @@ def report(section: str, record: bool) -> None:
     if record:
         with open(RESULTS, "a") as f:
             f.write(section)
+
+
+def eos_biased_checkpoint(size: str, bias: float, directory: str):
+    """A transformers causal LM of the Ettin `size` shape with random weights (seed 0) and `bias`
+    added to the EOS logit (so that EOS comes at data-dependent steps), saved to `directory`.
+    Returns the model and the EOS id."""
+    import torch
+    import transformers
+
+    import ettin_jax as ej
+
+    config = ej.ModernBertDecoderConfig.ettin(size)
+    torch.manual_seed(0)
+    reference = transformers.ModernBertDecoderForCausalLM(
+        transformers.ModernBertDecoderConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+    ).eval()
+    eos = config.eos_token_ids[0]
+    with torch.no_grad():
+        reference.decoder.bias[eos] += bias
+    reference.save_pretrained(directory)
+    return reference, eos

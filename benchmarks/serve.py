@@ -92,7 +92,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-from common import cpu_model, report
+from common import cpu_model, eos_biased_checkpoint, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -105,21 +105,13 @@ def build(size: str, bias: float, directory: str) -> int:
     """A transformers checkpoint with random weights (seed 0) and `bias` on the EOS logit, and a
     word-level tokenizer (id i <-> the word `t<i>`, BOS prepended), saved to `directory`.
     Returns the EOS id."""
-    import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     import ettin_jax as ej
 
     config = ej.ModernBertDecoderConfig.ettin(size)
-    torch.manual_seed(0)
-    reference = transformers.ModernBertDecoderForCausalLM(
-        transformers.ModernBertDecoderConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
-    ).eval()
-    eos = config.eos_token_ids[0]
-    with torch.no_grad():
-        reference.decoder.bias[eos] += bias
-    reference.save_pretrained(directory)
+    _, eos = eos_biased_checkpoint(size, bias, directory)
 
     if SPECIAL_TOKENS.get(config.bos_token_id) != "[CLS]" or SPECIAL_TOKENS.get(eos) != "[SEP]":
         raise SystemExit(f"unexpected BOS/EOS ids {config.bos_token_id}/{eos} for the tokenizer")

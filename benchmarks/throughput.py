@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import cpu_model, report
+from common import cpu_model, eos_biased_checkpoint, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -64,24 +64,12 @@ def sorted_batches(prompts: list[list[int]], size: int) -> list[list[int]]:
 def build(size: str, bias: float, directory: str):
     """A transformers model with random weights (seed 0) and `bias` on the EOS logit, saved to
     `directory`, and ours loaded from it."""
-    import torch
-    import transformers
-
     import ettin_jax as ej
 
-    config = ej.ModernBertDecoderConfig.ettin(size)
-    torch.manual_seed(0)
-    reference = transformers.ModernBertDecoderForCausalLM(
-        transformers.ModernBertDecoderConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
-    ).eval()
-    eos = config.eos_token_ids[0]
-    with torch.no_grad():
-        reference.decoder.bias[eos] += bias
-    reference.save_pretrained(directory)
+    reference, eos = eos_biased_checkpoint(size, bias, directory)
     return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory), eos
 
 
-# ---- the sides ------------------------------------------------------------------------------
 def run_engine(model, prompts, eos, max_new, settings: dict, max_length: int) -> tuple[list[list[int]], dict]:
     from ettin_jax.engine import Engine
 
