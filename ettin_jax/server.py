@@ -429,6 +429,13 @@ class Server:
         finally:
             _cancel(choices)
 
+    async def finished(self, events: AsyncIterator[tuple[_Choice, str, list[int], bool]],
+                       count: int) -> list[_Choice] | None:  # fmt: skip
+        """The `count` choices in index order once every one has ended; None if the client left
+        first (`events` then ends early)."""
+        ended = {choice.index: choice async for choice, _, _, done in events if done}
+        return [ended[i] for i in range(count)] if len(ended) == count else None
+
     def logprob_entries(self, choice: _Choice, start: int, tokens: list[int]) -> list[tuple[int, float, dict]]:
         """(token, logprob, {token text: logprob} of the top ones and the token) of `tokens`,
         which begin at index `start` of the choice's tokens."""
@@ -643,15 +650,11 @@ def create_app(server: Server) -> fastapi.FastAPI:
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        finished: dict[int, _Choice] = {}
-        async for choice, _, _, ended in events:
-            if ended:
-                finished[choice.index] = choice
-        if len(finished) < len(prompts) * request.n:  # the client went away
+        finished = await server.finished(events, len(choices))
+        if finished is None:  # the client went away
             return fastapi.Response(status_code=499)
         out, count = [], 0
-        for index in range(len(finished)):
-            choice = finished[index]
+        for index, choice in enumerate(finished):
             text, logprobs, offset = prompt_part(index)
             if top is not None:
                 entries = server.logprob_entries(choice, 0, choice.request.tokens[: choice.used])
@@ -710,15 +713,11 @@ def create_app(server: Server) -> fastapi.FastAPI:
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        finished: dict[int, _Choice] = {}
-        async for choice, _, _, ended in events:
-            if ended:
-                finished[choice.index] = choice
-        if len(finished) < request.n:
+        finished = await server.finished(events, len(choices))
+        if finished is None:  # the client went away
             return fastapi.Response(status_code=499)
         out, count = [], 0
-        for index in range(request.n):
-            choice = finished[index]
+        for index, choice in enumerate(finished):
             logprobs = None
             if top is not None:
                 logprobs = _chat_logprobs(
