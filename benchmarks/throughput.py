@@ -61,13 +61,20 @@ def sorted_batches(prompts: list[list[int]], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def build(size: str, bias: float, directory: str):
+def build(size: str, bias: float, directory: str, dtype: str, device: str):
     """A transformers model with random weights (seed 0) and `bias` on the EOS logit, saved to
-    `directory`, and ours loaded from it."""
+    `directory`, and ours loaded from it; both in `dtype`, the reference on torch `device`."""
+    import jax.numpy as jnp
+    import torch
+
     import ettin_jax as ej
 
     reference, eos = eos_biased_checkpoint(size, bias, directory)
-    return reference, ej.ModernBertDecoderForCausalLM.from_pretrained(directory), eos
+    reference = reference.to(device=device, dtype=getattr(torch, dtype))
+    ours = ej.ModernBertDecoderForCausalLM.from_pretrained(
+        directory, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype)
+    )
+    return reference, ours, eos
 
 
 def run_engine(model, prompts, eos, max_new, settings: dict, max_length: int) -> tuple[list[list[int]], dict]:
@@ -129,7 +136,12 @@ def run_hf_static(reference, prompts, eos, max_new, batch: int) -> tuple[list[li
             mask[row, width - len(prompts[i]) :] = 1
         with torch.no_grad():
             out = reference.generate(
-                ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos
+                ids.to(reference.device),
+                attention_mask=mask.to(reference.device),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
             )
         for row, i in zip(out, group, strict=True):
             outputs[i] = cut(row[width:].tolist(), eos, max_new)
@@ -164,6 +176,8 @@ def main() -> None:
     parser.add_argument("--prefill-batch", nargs="+", type=int, default=[None])
     parser.add_argument("--max-length", type=int, help="engine max_length (default: as generate_batch picks)")
     parser.add_argument("--profile", help="write a cProfile of the (last) timed engine run to this file")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' dtype")
+    parser.add_argument("--torch-device", default="cpu", help="where transformers runs (cuda on a GPU machine)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -175,7 +189,7 @@ def main() -> None:
 
     prompts = workload(args)
     with tempfile.TemporaryDirectory() as directory:
-        reference, model, eos = build(args.size, args.eos_bias, directory)
+        reference, model, eos = build(args.size, args.eos_bias, directory, args.dtype, args.torch_device)
     max_length = args.max_length or min(model.config.max_position_embeddings, bucket(args.max_prompt + args.max_new))
     print(f"{args.size}, {len(prompts)} requests, prompt lengths {min(map(len, prompts))}..{max(map(len, prompts))} "
           f"(median {int(np.median([len(p) for p in prompts]))}), EOS {eos} bias {args.eos_bias}", flush=True)  # fmt: skip
@@ -249,11 +263,13 @@ def main() -> None:
             print(f"{'':>50}  {host}")
 
     machine = f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}"
+    if jax.default_backend() == "gpu":
+        machine = f"{jax.devices()[0].device_kind}, {machine}"
     header = (
         f"\n### throughput, {datetime.date.today()}, {machine}\n\n"
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, transformers "
         f"{transformers.__version__}; `python benchmarks/throughput.py` {' '.join(sys.argv[1:])}: {args.size} shape, "
-        f"float32, greedy, {args.requests} requests, prompts {args.min_prompt} to {args.max_prompt} tokens "
+        f"{args.dtype} (transformers on {args.torch_device}), greedy, {args.requests} requests, prompts {args.min_prompt} to {args.max_prompt} tokens "
         f"(log-uniform), at most {args.max_new} new tokens, EOS bias {args.eos_bias}: output lengths "
         f"min/p10/p25/median/p75/p90/max {pct}. Tokens/s: new tokens through EOS over the workload's wall time, "
         f"after a warm-up; static batches of {args.batch}, sorted by length. Warm-up (compiling): each JAX side runs "

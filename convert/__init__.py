@@ -11,12 +11,14 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
+from flax import nnx, traverse_util
 
-from ettin_jax import distributed
+from ettin_jax import distributed, sharding
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.convert.checkpoint import (
     CheckpointError,
     CheckpointFormatError,
+    Tensor,
     architecture,
     build_model,
     checkpoint_fingerprint,
@@ -28,6 +30,7 @@ from ettin_jax.convert.checkpoint import (
     write_transformers,
 )
 from ettin_jax.convert.hub import resolve
+from ettin_jax.quantization import QuantizationError
 
 __all__ = [
     "CheckpointError",
@@ -35,6 +38,7 @@ __all__ = [
     "architecture",
     "checkpoint_format",
     "load_pretrained",
+    "quantize_model",
     "resolve",
     "save_pretrained",
     "save_transformers",
@@ -61,11 +65,37 @@ def load_pretrained(
     reads only the slices its own devices hold; with several processes, they must all load the
     same config and checkpoint (checked)."""
     directory = resolve(path_or_repo_id, revision)
+    if config_overrides.pop("load_in_8bit", False):  # transformers' spelling
+        config_overrides["quantization"] = "int8"
     # Overrides go through replace(), which rejects misspelt fields instead of dropping them.
-    config = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope).replace(**config_overrides)
+    stored = ModernBertDecoderConfig.from_pretrained(directory, legacy_rope=legacy_rope)
+    config = stored.replace(**config_overrides)
+    if stored.quantization is not None and config.quantization != stored.quantization:
+        raise QuantizationError(
+            f"{directory} holds {stored.quantization} weights (its config.json's quantization_config), which "
+            f"cannot be loaded with quantization={config.quantization!r}; load the float checkpoint instead"
+        )
     distributed.agree("config", distributed.fingerprint(json.dumps(config.to_dict(), sort_keys=True), cls.__name__))
     distributed.agree("checkpoint", checkpoint_fingerprint(directory))
     checkpoint = read_checkpoint(directory, mesh)
     return build_model(
         cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress, mesh=mesh
     )
+
+
+def quantize_model(model: Any, quantization: str = "int8") -> Any:
+    """A copy of a float `model` with `quantization` weights (see `ettin_jax.quantization`), of
+    the same class, compute dtype and mesh."""
+    config = model.config
+    if config.quantization is not None:
+        raise QuantizationError(f"the model is already quantized ({config.quantization})")
+    state = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    checkpoint = {
+        path: Tensor("/".join(map(str, path)), tuple(value.shape), value.nbytes, value.__getitem__)
+        for path, value in state.items()
+    }
+    linear = next(node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear))
+    return build_model(
+        type(model), config.replace(quantization=quantization), checkpoint, dtype=linear.dtype,
+        param_dtype=linear.param_dtype, mesh=sharding.mesh_of(state),
+    )  # fmt: skip

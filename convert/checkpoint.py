@@ -37,7 +37,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx, traverse_util
 
-from ettin_jax import distributed, files, sharding
+from ettin_jax import distributed, files, quantization, sharding
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.convert.keys import Path, to_key, to_path
 from ettin_jax.errors import EttinError
@@ -57,6 +57,7 @@ HEADS = {"ModernBertDecoderForCausalLM": ("lm_head", "decoder"),
          "ModernBertDecoderForSequenceClassification": ("head", "classifier"),
          "ModernBertDecoderModel": ()}  # fmt: skip
 ALL_HEAD_ROOTS = frozenset(root for roots in HEADS.values() for root in roots)
+SCALE = "_scale"  # an int8 weight's scales sit beside it: `kernel_scale`, `embedding_scale`
 _MAX_HEADER = 100_000_000  # bytes: the largest header the safetensors library accepts
 
 
@@ -393,7 +394,9 @@ def build_model(
     mesh: Any = None,
 ) -> Any:
     """An instance of `cls` whose params come from `checkpoint`. With a `mesh`, every param is
-    placed by `ettin_jax.sharding` and each process reads only the slices its devices hold."""
+    placed by `ettin_jax.sharding` and each process reads only the slices its devices hold.
+    With `config.quantization` and a float checkpoint, each weight is quantized as it loads
+    (read whole: a channel's scale needs all of it)."""
 
     def construct() -> Any:
         return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
@@ -402,7 +405,16 @@ def build_model(
     state = nnx.state(model)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    plan = plan_load(cls.__name__, params, checkpoint, config.tie_word_embeddings)
+    # value path -> scale path, for the int8 weights this float checkpoint gives as floats
+    quantize = {}
+    if config.quantization is not None and not any(str(p[-1]).endswith(SCALE) for p in checkpoint):
+        quantize = {(*p[:-1], p[-1].removesuffix(SCALE)): p for p in params if str(p[-1]).endswith(SCALE)}
+    expected = {
+        p: jax.ShapeDtypeStruct(v.shape, param_dtype) if p in quantize else v
+        for p, v in params.items()
+        if p not in quantize.values()
+    }
+    plan = plan_load(cls.__name__, expected, checkpoint, config.tie_word_embeddings)
     if plan.skipped and cls.__name__ != "ModernBertDecoderModel":  # the base model drops heads by design
         warnings.warn(
             f"{cls.__name__} does not use these checkpoint tensors: {', '.join(plan.skipped)}",
@@ -416,7 +428,7 @@ def build_model(
         )
     # Values the checkpoint cannot give (RNG streams of dropout layers, a new head) come from
     # the constructor itself, jitted so that XLA drops the initialisers whose output is unused.
-    fresh = [p for p in flat if p not in plan.source]
+    fresh = [p for p in flat if p not in plan.source and p not in quantize.values()]
     values: dict[Path, Any] = {}
     if fresh:
         wanted = set(fresh)
@@ -439,8 +451,17 @@ def build_model(
         values = {p: sharding.put(v, sharding.param_sharding(p, np.shape(v), mesh)) for p, v in values.items()}
     read = 0
     for path, tensor in items:
-        if mesh is None:
-            values[path] = jnp.asarray(tensor.read().astype(params[path].dtype, copy=False))
+        if path in quantize:
+            # The embedding table (V, D) has a scale per row; a kernel (D_in, D_out) per column.
+            axis = 0 if path[-1] == "embedding" else -1
+            q, scale = quantization.quantize(_checked(tensor, tensor.read(), param_dtype), axis)
+            values[path], values[quantize[path]] = q, scale.astype(param_dtype)
+            if mesh is not None:
+                for p in (path, quantize[path]):
+                    values[p] = sharding.put(values[p], sharding.param_sharding(p, values[p].shape, mesh))
+            read += tensor.nbytes
+        elif mesh is None:
+            values[path] = jnp.asarray(_checked(tensor, tensor.read(), params[path].dtype))
         else:
             target = sharding.param_sharding(path, tensor.shape, mesh)
             values[path], nbytes = _read_sharded(tensor, params[path].dtype, target)
@@ -456,6 +477,14 @@ def build_model(
     return model
 
 
+def _checked(tensor: Tensor, array: Any, dtype: Any) -> Any:
+    """`array`, a part of `tensor`, in `dtype`; integers where floats belong are an error (they
+    would load as numbers: an int8 tensor read into a float model is off by its scales)."""
+    if jnp.issubdtype(array.dtype, jnp.integer) != jnp.issubdtype(dtype, jnp.integer):
+        raise CheckpointError(f"{tensor.name} is stored as {array.dtype} but the model expects {jnp.dtype(dtype)}")
+    return array.astype(dtype, copy=False)
+
+
 def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> tuple[jax.Array, int]:
     """A global array with `target` sharding, and the bytes read for it: each process reads only
     its devices' slices, and each distinct slice once (replicas on several local devices share
@@ -469,7 +498,7 @@ def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> tuple[jax.Array, i
         if key not in parts:
             part = tensor.read(index)
             read += part.nbytes
-            parts[key] = part.astype(dtype, copy=False)
+            parts[key] = _checked(tensor, part, dtype)
         return parts[key]
 
     return jax.make_array_from_callback(tuple(tensor.shape), target, fetch), read
@@ -498,13 +527,19 @@ def _remove_other_weights(directory: str, keep: str) -> None:
 
 
 def _save_config(model: Any, directory: str) -> None:
-    dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    dtypes = {str(np.dtype(x.dtype)) for x in leaves if not jnp.issubdtype(x.dtype, jnp.integer)}  # not int8 weights
     model.config.save(directory, type(model).__name__, dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
 
 
 def save_transformers(model: Any, directory: str, tensors: dict[str, np.ndarray] | None = None) -> None:
     """config.json and model.safetensors. With several processes, all of them gather the params
     and process 0 writes (`tensors`: already gathered ones)."""
+    if model.config.quantization is not None:
+        raise quantization.QuantizationError(
+            f"an {model.config.quantization} model saves only with format='flax' (transformers cannot read its "
+            "weights); save the float model for transformers"
+        )
     if tensors is None:
         tensors = transformers_state_dict(model)
     if distributed.is_primary():

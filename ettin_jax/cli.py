@@ -25,6 +25,7 @@ from ettin_jax import compile_cache, distributed, files, jobs, modeling, server,
 from ettin_jax.convert import architecture, checkpoint_format, load_pretrained, resolve, save_pretrained
 from ettin_jax.errors import EttinError
 from ettin_jax.pipelines import pipeline
+from ettin_jax.quantization import KV_CACHE_DTYPES, QUANTIZATIONS
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL_NAME = "ettin-jax-default"  # what `serve` calls the embedded default model
@@ -46,11 +47,16 @@ def _convert(args: argparse.Namespace) -> int:
         raise CommandError(f"{dst} already exists; pass --overwrite to replace it")
     src = resolve(args.src, args.revision)
     source_format = checkpoint_format(src)
-    target = args.to or ("transformers" if source_format == "flax" else "flax")
+    target = args.to or ("transformers" if source_format == "flax" and not args.quantize else "flax")
     dtype = jnp.dtype(args.dtype)
     cls = getattr(modeling, architecture(src))
     print(f"reading {src} ({source_format}) as {cls.__name__}", file=sys.stderr)
-    model = load_pretrained(cls, src, dtype=dtype, param_dtype=dtype, legacy_rope=args.legacy_rope, progress=True)
+    if args.quantize and target != "flax":
+        raise CommandError("--quantize writes an ettin-jax flax checkpoint; transformers cannot read int8 weights")
+    model = load_pretrained(
+        cls, src, dtype=dtype, param_dtype=dtype, legacy_rope=args.legacy_rope, progress=True,
+        **({"quantization": args.quantize} if args.quantize else {}),
+    )  # fmt: skip
 
     staging = files.staging_dir_for(dst)
     try:
@@ -75,7 +81,7 @@ def _convert(args: argparse.Namespace) -> int:
         f"wrote {dst} ({target})\n"
         f"  class       {cls.__name__}\n"
         f"  parameters  {model.num_parameters():,}\n"
-        f"  dtype       {dtype.name}\n"
+        f"  dtype       {dtype.name}{' (weights int8)' if c.quantization else ''}\n"
         f"  layers      {c.num_hidden_layers} ({c.layer_types.count('full_attention')} global, "
         f"{c.layer_types.count('sliding_attention')} sliding)\n"
         f"  window      {c.sliding_window} keys on sliding layers\n"
@@ -85,6 +91,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 # ---- generate and run ---------------------------------------------------------------------
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """from_pretrained's arguments that --dtype, --quantize and --kv-cache-dtype ask for (a
+    flag not given leaves what the checkpoint records)."""
+    kwargs = {"dtype": args.dtype}
+    if args.quantize:
+        kwargs["quantization"] = args.quantize
+    if args.kv_cache_dtype:
+        kwargs["kv_cache_dtype"] = args.kv_cache_dtype
+    return kwargs
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -121,7 +138,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise CommandError("no prompt: pass PROMPT arguments, --input-file, or lines on stdin")
     if not args.input_file and len(prompts) == 1 and args.num_return_sequences == 1:
         # One prompt at a terminal: show tokens as they are made.
-        generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
+        generator = pipeline("text-generation", model=args.model, mesh=mesh, **_model_kwargs(args))
         out = sys.stdout if primary else io.StringIO()
         out.write(prompts[0])
         for piece in generator.stream(prompts[0], **kwargs):
@@ -138,7 +155,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     if job.done and job.path is not None:
         print(f"resuming {job.path}: {job.done} of {len(job.indices)} results are there", file=sys.stderr)
-    generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=mesh)
+    generator = pipeline("text-generation", model=args.model, mesh=mesh, **_model_kwargs(args))
     summary = jobs.run(
         generator, prompts, job, max_batch_size=args.max_batch_size, progress=primary and bool(args.input_file),
         echo=_print_result if primary and not args.output_file else None, **kwargs,
@@ -163,7 +180,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    pipe = pipeline(args.task, model=args.model, dtype=args.dtype)
+    pipe = pipeline(args.task, model=args.model, **_model_kwargs(args))
     for line in sys.stdin:
         text = line.rstrip("\n")
         if not text.strip():
@@ -192,7 +209,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, max_n=args.max_n, max_logprobs=args.max_logprobs,
         max_body_bytes=args.max_body_bytes, chat_template=template,
     )  # fmt: skip
-    generator = pipeline("text-generation", model=args.model, dtype=args.dtype, mesh=sharding.mesh_from_arg(args.mesh))
+    generator = pipeline(
+        "text-generation", model=args.model, mesh=sharding.mesh_from_arg(args.mesh), **_model_kwargs(args)
+    )
     server.serve(
         generator, config, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         max_batch_size=args.max_batch_size, max_length=args.max_length,
@@ -318,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the global RoPE theta on every layer, as transformers 4.54-4.57 did",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    _add_quantization_flags(convert, kv=False)
     convert.set_defaults(run=_convert)
 
     model_help = "a directory or a Hub id (default: the embedded tiny random model, see README)"
@@ -347,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "at most 64)",
     )
     generate.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_quantization_flags(generate)
     generate.add_argument("--input-file", help='prompts: .txt (one a line) or .jsonl ({"prompt": ...})')
     generate.add_argument(
         "--output-file",
@@ -366,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help=model_help)
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_quantization_flags(run)
     run.set_defaults(run=_run)
 
     serve = commands.add_parser(
@@ -387,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-length", type=int, help="most tokens a request holds (default: the model's context)")
     serve.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_quantization_flags(serve)
     serve.add_argument("--mesh", help="device mesh, e.g. data=4,tensor=2 (default: one device)")
     serve.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions")
     serve.add_argument("--max-n", type=int, default=16, help="the most choices (n) a request may ask for")
@@ -401,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_compilation_cache_flag(parser)
     return parser
+
+
+def _add_quantization_flags(parser: argparse.ArgumentParser, kv: bool = True) -> None:
+    parser.add_argument(
+        "--quantize", choices=QUANTIZATIONS,
+        help="int8 weights (per output channel), quantized as the model loads (default: as the checkpoint is)",
+    )  # fmt: skip
+    if kv:
+        parser.add_argument(
+            "--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+            help="the global layers' KV cache: auto (the compute dtype) or int8 (per token and head)",
+        )  # fmt: skip
 
 
 def _add_compilation_cache_flag(parser: argparse.ArgumentParser, default: typing.Any = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ettin_jax import files
 from ettin_jax.errors import EttinError
+from ettin_jax.quantization import QuantizationError, check_kv_cache_dtype, check_quantization
 
 MODEL_TYPE = "modernbert-decoder"
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -23,6 +24,7 @@ ATTENTION_IMPLS = ("auto", "xla", "xla_blocked", "cudnn", "splash")  # see ettin
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 DEFAULT_GLOBAL_ROPE_THETA = 160_000.0
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
+QUANT_METHOD = "ettin-jax"  # quantization_config.quant_method of our int8 checkpoints
 
 
 class ConfigError(EttinError, ValueError):
@@ -77,6 +79,12 @@ class ModernBertDecoderConfig:
     training_window: bool = False
     # The attention backend (ettin_jax.attention): a runtime choice, not written to config.json.
     attention_impl: str = "auto"
+    # Weight quantization (ettin_jax.quantization): None (float) or "int8". Written to config.json
+    # as `quantization_config`, so that an int8 checkpoint is never read as a float one.
+    quantization: str | None = None
+    # The global layers' KV cache in generation: "auto" (the compute dtype) or "int8". A runtime
+    # choice, not written to config.json.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.layer_types is None:
@@ -137,6 +145,8 @@ class ModernBertDecoderConfig:
         if not self.label_names:
             raise ConfigError("num_labels must be at least 1")
         check_attention_impl(self.attention_impl)
+        check_quantization(self.quantization)
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -221,6 +231,7 @@ class ModernBertDecoderConfig:
         if legacy_rope:
             kwargs["local_rope_theta"] = kwargs["global_rope_theta"]
         kwargs["label_names"] = _read_labels(data)
+        kwargs["quantization"] = _read_quantization(data)
         if data.get("local_attention") is None and "local_attention" in data:
             raise ConfigError("local_attention is null; ettin-jax needs a sliding window size")
         # Keys the dataclass does not know (transformers bookkeeping, generation settings) change
@@ -248,7 +259,10 @@ class ModernBertDecoderConfig:
         """The config.json that transformers' ModernBertDecoderConfig reads back unchanged."""
         out: dict[str, Any] = {"model_type": MODEL_TYPE}
         for f in dataclasses.fields(self):
-            if f.name in ("global_rope_theta", "local_rope_theta", "label_names", "training_window", "attention_impl"):
+            if f.name in (
+                "global_rope_theta", "local_rope_theta", "label_names", "training_window", "attention_impl",
+                "quantization", "kv_cache_dtype",
+            ):  # fmt: skip
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -258,6 +272,8 @@ class ModernBertDecoderConfig:
         out["label2id"] = self.label2id
         if self.training_window:
             out["training_window"] = True
+        if self.quantization is not None:
+            out["quantization_config"] = {"quant_method": QUANT_METHOD, "weights": self.quantization}
         return out
 
     def save(self, directory: str | os.PathLike, architecture: str | None = None, dtype: str | None = None) -> None:
@@ -336,6 +352,21 @@ def _check_rope_type(params: Mapping[str, Any], where: str) -> None:
     unknown = set(params) - {"rope_type", "type", "rope_theta"}
     if unknown:
         raise ConfigError(f"{where} has RoPE scaling options {sorted(unknown)} that ettin-jax does not support")
+
+
+def _read_quantization(data: dict[str, Any]) -> str | None:
+    """The weight quantization a config.json records: ours, or an error for another library's
+    (a bitsandbytes or GPTQ checkpoint holds tensors this port would misread)."""
+    config = data.pop("quantization_config", None)
+    if config is None:
+        return None
+    method = config.get("quant_method") if isinstance(config, Mapping) else None
+    if method != QUANT_METHOD:
+        raise QuantizationError(
+            f"config.json has a quantization_config of quant_method {method!r}: ettin-jax reads float checkpoints "
+            f"and its own int8 ones; load the float checkpoint with quantization='int8' instead"
+        )
+    return check_quantization(config.get("weights"), "quantization_config.weights")
 
 
 def _read_labels(data: dict[str, Any]) -> tuple[str, ...]:

@@ -150,7 +150,7 @@ def _cut(slots: Slots, width: int, span: int) -> Slots:
 
     def layer(c: LayerCache) -> LayerCache:
         if c.slots == longest and span < longest:
-            return c.replace(k=c.k[:width, :, :span], v=c.v[:width, :, :span], index=c.index[:width, :span])
+            return c.map_kv(lambda a: a[:width, :, :span]).replace(index=c.index[:width, :span])
         return jax.tree.map(lambda x: x[:width], c)
 
     rest = jax.tree.map(lambda x: x[:width], slots.replace(cache=None))
@@ -207,7 +207,7 @@ def _compact(layer: LayerCache, pad: Array) -> LayerCache:
     src = (jnp.arange(layer.slots)[None, :] + pad[:, None]) % layer.slots  # (P, S): old slot of new slot j
     index = jnp.take_along_axis(layer.index, src, axis=1)
     take = lambda a: jnp.take_along_axis(a, src[:, None, :, None], axis=2)  # noqa: E731
-    return layer.replace(k=take(layer.k), v=take(layer.v), index=jnp.where(index >= 0, index - pad[:, None], -1))
+    return layer.map_kv(take).replace(index=jnp.where(index >= 0, index - pad[:, None], -1))
 
 
 def _insert(slots: Slots, rows: Array, cache: Cache, first, lengths, seen, params: Params, stopped) -> Slots:
@@ -227,7 +227,7 @@ def _insert(slots: Slots, rows: Array, cache: Cache, first, lengths, seen, param
         def put_kv(t: Array, value: Array) -> Array:
             return t.at[rows, :, :n].set(value[:, :, :n].astype(t.dtype), mode="drop")
 
-        return target.replace(k=put_kv(target.k, new.k), v=put_kv(target.v, new.v), index=put(target.index, index))
+        return target.map_kv(put_kv, new).replace(index=put(target.index, index))
 
     layers = tuple(put_layer(t, n) for t, n in zip(slots.cache.layers, cache.layers, strict=True))
     return slots.replace(
@@ -696,7 +696,7 @@ class Engine:
         ids[0, width - len(request.prompt) :] = request.prompt
         valid[0, width - len(request.prompt) :] = True
         positions = np.where(valid, np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
-        dtype = self.slots.cache.layers[0].k.dtype
+        dtype = self.slots.cache.layers[0].dtype
         cache = init_cache(self.config, 1, min(bucket(width), self.max_length), dtype)
         self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions)
         self._advance_chunked()

@@ -187,7 +187,7 @@ def _output_kernel(model: Any, graphdef: Any, state: Any) -> Array | None:
     if not on_cpu():
         return None
     if model.decoder.kernel is not None:  # untied: the kernel is already (D, V)
-        return model.decoder.kernel[...]
+        return model.output_kernel()
     leaves = jax.tree.leaves(state)
     if not all(isinstance(x, jax.Array) for x in leaves):  # e.g. jax.Ref
         return _output_kernel_program(graphdef, state)  # identity says nothing about in-place updates

@@ -28,13 +28,14 @@ from flax import nnx
 
 from ettin_jax import engine
 from ettin_jax.attention import AttentionError, MaskSpec, attend, cached_attention, take_rows, xla_attention
-from ettin_jax.cache import Cache, LayerCache
+from ettin_jax.cache import Cache, LayerCache, init_cache
 from ettin_jax.compilation import gradient_fence
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.generation import GenerationMixin
 from ettin_jax.inputs import InputError, check_inputs, concrete
 from ettin_jax.losses import causal_lm_loss, classification_loss
 from ettin_jax.pretrained import PretrainedMixin
+from ettin_jax.quantization import Int8Kernel, matmul
 from ettin_jax.sharding import constrain
 
 Array = jax.Array
@@ -143,7 +144,9 @@ class _Factory:
             "final_out": config.hidden_size**-0.5,
         }
 
-    def linear(self, d_in: int, d_out: int, bias: bool, std: str) -> nnx.Linear:
+    def linear(self, d_in: int, d_out: int, bias: bool, std: str) -> nnx.Linear | Int8Linear:
+        if self.config.quantization == "int8":
+            return Int8Linear(d_in, d_out, bias, self.dtype, self.param_dtype)
         return nnx.Linear(
             d_in, d_out, use_bias=bias,
             kernel_init=trunc_normal(self.std[std], self.config.initializer_cutoff_factor),
@@ -157,14 +160,42 @@ class _Factory:
         )  # fmt: skip
 
 
+# ---- int8 weights (see ettin_jax.quantization) ---------------------------------------------
+class Int8Linear(nnx.Module):
+    """nnx.Linear with an int8 kernel and one scale per output channel (`kernel_scale`); built
+    in place of every Linear when `config.quantization == "int8"`. Inference only."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype: DType, param_dtype: DType):
+        self.kernel = nnx.Param(jnp.zeros((d_in, d_out), jnp.int8))
+        self.kernel_scale = nnx.Param(jnp.ones((d_out,), param_dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:  # (..., D_in) -> (..., D_out)
+        y = matmul(x, Int8Kernel(self.kernel[...], self.kernel_scale[...]), self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class Int8Embed(nnx.Module):
+    """nnx.Embed's table as int8 rows with one scale per row (`embedding_scale`)."""
+
+    def __init__(self, vocab: int, features: int, dtype: DType, param_dtype: DType):
+        self.embedding = nnx.Param(jnp.zeros((vocab, features), jnp.int8))
+        self.embedding_scale = nnx.Param(jnp.ones((vocab,), param_dtype))
+        self.dtype = dtype
+
+
 # ---- modules ------------------------------------------------------------------------------
 class Embeddings(nnx.Module):
     def __init__(self, make: _Factory):
         c = make.config
-        self.tok_embeddings = nnx.Embed(
-            c.vocab_size, c.hidden_size, dtype=make.dtype, param_dtype=make.param_dtype,
-            embedding_init=trunc_normal(c.initializer_range, c.initializer_cutoff_factor), rngs=make.rngs,
-        )  # fmt: skip
+        if c.quantization == "int8":
+            self.tok_embeddings = Int8Embed(c.vocab_size, c.hidden_size, make.dtype, make.param_dtype)
+        else:
+            self.tok_embeddings = nnx.Embed(
+                c.vocab_size, c.hidden_size, dtype=make.dtype, param_dtype=make.param_dtype,
+                embedding_init=trunc_normal(c.initializer_range, c.initializer_cutoff_factor), rngs=make.rngs,
+            )  # fmt: skip
         self.norm = make.norm()
         self.drop = _dropout(c.embedding_dropout, make.rngs)
 
@@ -173,7 +204,13 @@ class Embeddings(nnx.Module):
             table = constrain(self.tok_embeddings.embedding[...], "embedding_lookup")
             # Out-of-range ids give NaN rather than a silently clamped row (ids that are not
             # concrete, under jit, cannot be checked in Python).
-            inputs_embeds = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+            if isinstance(self.tok_embeddings, Int8Embed):
+                scale = self.tok_embeddings.embedding_scale[...]
+                rows = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=0)
+                scales = jnp.take(scale, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+                inputs_embeds = rows.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
+            else:
+                inputs_embeds = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
             inputs_embeds = inputs_embeds.astype(self.tok_embeddings.dtype)
         return constrain(_drop(self.drop, self.norm(inputs_embeds), deterministic), "hidden")
 
@@ -226,7 +263,9 @@ class Attention(nnx.Module):
                 cache = cache.update(k, v, stored, start, self.window)
         elif x.shape[1] == 1:
             cache = cache.update(k, v, stored, start, self.window)
-            out, probs = cached_attention(q, cache.k, cache.v, q_index, cache.index, self.window, drop, deterministic)
+            out, probs = cached_attention(
+                q, cache.keys(), cache.values(), q_index, cache.index, self.window, drop, deterministic
+            )
         else:
             seen = cache.extended(k, v, stored)
             out, probs = cached_attention(q, seen.k, seen.v, q_index, seen.index, self.window, drop, deterministic)
@@ -347,8 +386,7 @@ class ModernBertDecoderModel(nnx.Module, PretrainedMixin):
         h = self.embeddings(input_ids, inputs_embeds, deterministic)  # (B, T, D)
         batch, length = h.shape[:2]
         if past is None and use_cache:  # a cache with no slots yet: each layer adds its own
-            empty = LayerCache.empty(batch, 0, c.num_attention_heads, c.head_dim, h.dtype)
-            past = Cache((empty,) * c.num_hidden_layers, jnp.zeros((), jnp.int32))
+            past = init_cache(c, batch, 0, h.dtype, static=False)
         start = None if past is None else past.length
         index = jnp.broadcast_to(jnp.arange(length), (batch, length))  # (B, T) sequence indices
         if start is not None:  # the cache's length: one for every row, or one per row
@@ -400,13 +438,16 @@ class LMDecoder(nnx.Module):
         init = trunc_normal(make.std["out"], c.initializer_cutoff_factor)
         self.kernel = nnx.data(
             None if c.tie_word_embeddings
+            else nnx.Param(jnp.zeros((c.hidden_size, c.vocab_size), jnp.int8)) if c.quantization == "int8"
             else nnx.Param(init(make.rngs.params(), (c.hidden_size, c.vocab_size), make.param_dtype))
         )  # fmt: skip
+        quantized = not c.tie_word_embeddings and c.quantization == "int8"
+        self.kernel_scale = nnx.data(nnx.Param(jnp.ones((c.vocab_size,), make.param_dtype)) if quantized else None)
         self.bias = nnx.data(nnx.Param(jnp.zeros((c.vocab_size,), make.param_dtype)) if c.decoder_bias else None)
 
-    def __call__(self, x: Array, kernel: Array) -> Array:
+    def __call__(self, x: Array, kernel: Array | Int8Kernel) -> Array:
         """x (B, T, D) and the (D, V) kernel from `ModernBertDecoderForCausalLM.output_kernel`."""
-        logits = jnp.einsum("BTD,DV->BTV", x, kernel.astype(self.dtype))
+        logits = matmul(x, kernel, self.dtype)
         if self.bias is not None:
             logits = logits + self.bias[...].astype(self.dtype)
         return constrain(logits, "logits")
@@ -432,13 +473,17 @@ class ModernBertDecoderForCausalLM(nnx.Module, PretrainedMixin, GenerationMixin)
         """Continuous batching over a list of token-id lists; see `ettin_jax.engine.generate_batch`."""
         return engine.generate_batch(self, inputs, **kwargs)
 
-    def output_kernel(self) -> Array:
+    def output_kernel(self) -> Array | Int8Kernel:
         """The (D, V) vocabulary projection: the decoder's own kernel, or the transposed
-        embedding when tied. Generation takes it once, before its decode loop: on CPU a
-        (V, D) operand costs XLA a transpose of the whole matrix at every step."""
-        if self.decoder.kernel is not None:
-            return self.decoder.kernel[...]
-        return self.model.embeddings.tok_embeddings.embedding[...].T
+        embedding when tied; an `Int8Kernel` when quantized. Generation takes it once, before its
+        decode loop: on CPU a (V, D) operand costs XLA a transpose of the whole matrix at every step."""
+        decoder, table = self.decoder, self.model.embeddings.tok_embeddings
+        if decoder.kernel is not None:
+            kernel = decoder.kernel[...]
+            return kernel if decoder.kernel_scale is None else Int8Kernel(kernel, decoder.kernel_scale[...])
+        if isinstance(table, Int8Embed):  # a row's scale is its vocabulary column's scale
+            return Int8Kernel(table.embedding[...].T, table.embedding_scale[...])
+        return table.embedding[...].T
 
     def logits(self, hidden: Array, kernel: Array | None = None) -> Array:
         """(B, T, D) final hidden states -> (B, T, V) logits."""

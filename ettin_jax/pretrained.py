@@ -35,7 +35,11 @@ class PretrainedMixin:
         """Loads a transformers checkpoint (safetensors, sharded or not, or pytorch_model.bin),
         a Hub repo id, or a directory written by `save_pretrained(format="flax")`.
         Keyword arguments such as `num_labels`, `problem_type` or `id2label` override the config.
-        With a `mesh` (`ettin_jax.sharding.make_mesh`), params are sharded over it as they load."""
+        With a `mesh` (`ettin_jax.sharding.make_mesh`), params are sharded over it as they load.
+
+        `quantization="int8"` (or transformers' `load_in_8bit=True`) quantizes the weights as they
+        load, for inference (`ettin_jax.quantization`); a checkpoint saved so loads as int8 without
+        it. `kv_cache_dtype="int8"` keeps generation's global-layer KV cache in int8."""
         return convert.load_pretrained(
             cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision, mesh=mesh,
             **config_overrides,
@@ -53,6 +57,13 @@ class PretrainedMixin:
         for _, node in nnx.iter_graph(self):
             if hasattr(node, "impl"):  # each layer's attention
                 node.impl = impl
+            if hasattr(node, "config") and isinstance(node.config, ModernBertDecoderConfig):
+                node.config = config
+
+    def set_kv_cache_dtype(self, kv_cache_dtype: str) -> None:
+        """Switches the KV cache of later generation to `kv_cache_dtype` ("auto" or "int8")."""
+        config = self.config.replace(kv_cache_dtype=kv_cache_dtype)  # checks the name
+        for _, node in nnx.iter_graph(self):
             if hasattr(node, "config") and isinstance(node.config, ModernBertDecoderConfig):
                 node.config = config
 

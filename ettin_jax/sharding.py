@@ -55,6 +55,12 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"decoder\.bias$", ("vocab",)),
     (r"(lm_head|head)\.dense\.kernel$", ("embed", None)),  # (D, D)
     (r"classifier\.kernel$", ("embed", None)),  # (D, L)
+    # int8 weights' scales: one per output channel, split like that dimension of their weight
+    (r"tok_embeddings\.embedding_scale$", ("vocab",)),
+    (r"attn\.[qkv]_proj\.kernel_scale$", ("heads",)),
+    (r"(attn|mlp)\.Wo\.kernel_scale$", ("embed",)),
+    (r"mlp\.Wi\.kernel_scale$", ("mlp",)),
+    (r"decoder\.kernel_scale$", ("vocab",)),
     (r"\.(scale|bias)$", (None,)),  # norms and the remaining biases: small, replicated
 )
 

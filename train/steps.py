@@ -26,6 +26,7 @@ from ettin_jax import compilation, sharding
 from ettin_jax.config import ConfigError
 from ettin_jax.losses import row_losses
 from ettin_jax.modeling import ModernBertDecoderForCausalLM
+from ettin_jax.quantization import QuantizationError
 
 Array = jax.Array
 
@@ -79,6 +80,11 @@ def task_of(model: nnx.Module) -> str:
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """The state of a model about to train. On a sharded model (`ettin_jax.sharding`) the
     optimizer's moments are sharded like their params, and the step and RNG replicated."""
+    if model.config.quantization is not None:
+        raise QuantizationError(
+            f"the model has {model.config.quantization} weights, which are for inference; train the float "
+            "model (load it without quantization)"
+        )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     step, rng = jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
