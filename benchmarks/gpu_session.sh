@@ -42,4 +42,5 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, its ou
 step quantization 270 python3 benchmarks/quantization.py --parts matmul decode engine $Q
 # shellcheck disable=SC2086
 step throughput 170 python3 benchmarks/throughput.py --sides engine hf-batch $T
-step gpu-tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
+# -P: without it `python -m` puts the checkout first on the path, whose ettin_jax lacks convert/.
+step gpu-tests 90 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
