@@ -420,6 +420,12 @@ def build_model(
             f"{cls.__name__} does not use these checkpoint tensors: {', '.join(plan.skipped)}",
             stacklevel=4,
         )
+    if plan.new and config.quantization is not None:
+        raise quantization.QuantizationError(
+            f"{cls.__name__} with {config.quantization} weights needs its head in the checkpoint, which lacks "
+            f"{', '.join(_names(plan.new))}: a new head must be trained, and int8 models cannot be; fine-tune the "
+            "float model, then quantize it"
+        )
     if plan.new:
         warnings.warn(
             f"{cls.__name__}: these params are not in the checkpoint and were newly initialised; "

@@ -805,11 +805,9 @@ def _empty_slots(config, batch: int, length: int, dtype) -> Slots:
 
 def _slot_bytes(config, length: int, dtype) -> int:
     """KV-cache bytes of one slot: a region of `length` tokens on global layers, a window's ring
-    on sliding ones, keys and values."""
-    per_token = 2 * config.num_attention_heads * config.head_dim * jnp.dtype(dtype).itemsize
-    slots = sum(min(length, config.sliding_window) if config.is_sliding(i) else length
-                for i in range(config.num_hidden_layers))  # fmt: skip
-    return slots * per_token
+    on sliding ones, keys and values (and their scales with an int8 cache), counted abstractly."""
+    cache = jax.eval_shape(lambda: init_cache(config, 1, length, dtype))
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache.layers))
 
 
 def default_batch_size(slot_bytes: int) -> int:
