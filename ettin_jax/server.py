@@ -36,7 +36,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import fastapi
 import pydantic
@@ -90,8 +90,15 @@ class APIError(Exception):
 
 
 # ---- request bodies (pydantic: a wrong type or range is a 400 naming the field) ----------------
+# Strict types: a string is not a number, nor a bool a token id (pydantic would otherwise convert
+# "2" and true); a whole float is still a float, and an int is a float.
+Int = pydantic.StrictInt
+Bool = pydantic.StrictBool
+Float = Annotated[float, pydantic.Strict()]
+
+
 class _StreamOptions(pydantic.BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Sampling(pydantic.BaseModel):
@@ -100,25 +107,25 @@ class _Sampling(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(allow_inf_nan=False)
 
-    model: str | None = None
-    temperature: float | None = pydantic.Field(default=None, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = pydantic.Field(default=None, gt=0, le=1)
-    n: int = pydantic.Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = pydantic.Field(default=None, ge=-(2**63), lt=2**63)
-    stream: bool = False
+    model: pydantic.StrictStr | None = None
+    temperature: Float | None = pydantic.Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_p: Float | None = pydantic.Field(default=None, gt=0, le=1)
+    n: Int = pydantic.Field(default=1, ge=1)
+    stop: pydantic.StrictStr | list[pydantic.StrictStr] | None = None
+    seed: Int | None = pydantic.Field(default=None, ge=-(2**63), lt=2**63)
+    stream: Bool = False
     stream_options: _StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extra sampling fields
-    top_k: int | None = pydantic.Field(default=None, ge=-1, lt=2**31)
-    min_p: float | None = pydantic.Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = pydantic.Field(default=None, gt=0)
-    min_tokens: int = pydantic.Field(default=0, ge=0, lt=2**31)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    top_k: Int | None = pydantic.Field(default=None, ge=-1, lt=2**31)
+    min_p: Float | None = pydantic.Field(default=None, ge=0, le=1)
+    repetition_penalty: Float | None = pydantic.Field(default=None, gt=0)
+    min_tokens: Int = pydantic.Field(default=0, ge=0, lt=2**31)
+    ignore_eos: Bool = False
+    stop_token_ids: list[Int] | None = None
 
     def unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -132,20 +139,20 @@ class _Sampling(pydantic.BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[list[int]] | list[str]
-    max_tokens: int | None = pydantic.Field(default=16, ge=0)
-    logprobs: int | None = pydantic.Field(default=None, ge=0)
-    echo: bool = False
-    best_of: int | None = None
+    prompt: pydantic.StrictStr | list[Int] | list[list[Int]] | list[pydantic.StrictStr]
+    max_tokens: Int | None = pydantic.Field(default=16, ge=0)
+    logprobs: Int | None = pydantic.Field(default=None, ge=0)
+    echo: Bool = False
+    best_of: Int | None = None
     suffix: str | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]]
-    max_tokens: int | None = pydantic.Field(default=None, ge=0)
-    max_completion_tokens: int | None = pydantic.Field(default=None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = pydantic.Field(default=None, ge=0)
+    max_tokens: Int | None = pydantic.Field(default=None, ge=0)
+    max_completion_tokens: Int | None = pydantic.Field(default=None, ge=0)
+    logprobs: Bool = False
+    top_logprobs: Int | None = pydantic.Field(default=None, ge=0)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -281,8 +288,14 @@ class Server:
             request = cls.model_validate(body)
         except pydantic.ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"] if not str(x).startswith(("list[", "str", "int")))
-            raise APIError(400, f"{where or 'body'}: {first['msg']}", where or None) from None
+            # The location without pydantic's names of union branches ("str", "list[int]", ...).
+            loc = [
+                str(x)
+                for x in first["loc"]
+                if isinstance(x, int) or x in cls.model_fields or x in _StreamOptions.model_fields
+            ]
+            param = loc[0] if loc else None
+            raise APIError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", param) from None
         if request.model is not None and request.model != self.config.model_name:
             raise APIError(404, f"the model {request.model!r} does not exist; this server serves "
                            f"{self.config.model_name!r}", "model", "model_not_found")  # fmt: skip
