@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import jax
@@ -20,6 +21,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("ETTIN_JAX_COMPILATION_CACHE", "off")
 
 __all__ = ["TINY", "VOCAB", "WINDOW", "random_ids", "tiny_config", "to_numpy", "torch_model"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, JAX's compiled programs are dropped. XLA:CPU maps the code of
+    every kernel it compiles into memory, a few thousand mappings per test module here
+    (test_engine.py alone: 16,900), and they stay while the program is cached. The whole suite
+    in one process passed Linux's default limit of 65,530 mappings (vm.max_map_count), and the
+    next compilation crashed with a segmentation fault inside XLA (2026-11-30)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
