@@ -58,12 +58,14 @@ def load_pretrained(
     progress: bool = False,
     seed: int = 0,
     mesh: Any = None,
+    allow_nonfinite: bool = False,
     **config_overrides: Any,
 ) -> Any:
     """`cls` (one of the three model classes) with the weights at `path_or_repo_id`. With a
     `mesh` (`ettin_jax.sharding.make_mesh`) the params are sharded over it and each process
     reads only the slices its own devices hold; with several processes, they must all load the
-    same config and checkpoint (checked)."""
+    same config and checkpoint (checked). A tensor holding NaN or inf is a `CheckpointError`
+    naming it, unless `allow_nonfinite` (then a warning)."""
     directory = resolve(path_or_repo_id, revision)
     if config_overrides.pop("load_in_8bit", False):  # transformers' spelling
         config_overrides["quantization"] = "int8"
@@ -79,8 +81,9 @@ def load_pretrained(
     distributed.agree("checkpoint", checkpoint_fingerprint(directory))
     checkpoint = read_checkpoint(directory, mesh)
     return build_model(
-        cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress, mesh=mesh
-    )
+        cls, config, checkpoint, dtype=dtype, param_dtype=param_dtype, seed=seed, progress=progress, mesh=mesh,
+        allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
 
 
 def quantize_model(model: Any, quantization: str = "int8") -> Any:
@@ -94,8 +97,9 @@ def quantize_model(model: Any, quantization: str = "int8") -> Any:
         path: Tensor("/".join(map(str, path)), tuple(value.shape), value.nbytes, value.__getitem__)
         for path, value in state.items()
     }
+    # The model's own params, checked when they were loaded: NaN or inf here were let in then.
     linear = next(node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear))
     return build_model(
         type(model), config.replace(quantization=quantization), checkpoint, dtype=linear.dtype,
-        param_dtype=linear.param_dtype, mesh=sharding.mesh_of(state),
+        param_dtype=linear.param_dtype, mesh=sharding.mesh_of(state), allow_nonfinite=True,
     )  # fmt: skip

@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 import safetensors
 import safetensors.numpy
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 
 from ettin_jax import distributed, files, quantization, sharding
 from ettin_jax.config import ModernBertDecoderConfig
@@ -59,6 +61,9 @@ HEADS = {"ModernBertDecoderForCausalLM": ("lm_head", "decoder"),
 ALL_HEAD_ROOTS = frozenset(root for roots in HEADS.values() for root in roots)
 SCALE = "_scale"  # an int8 weight's scales sit beside it: `kernel_scale`, `embedding_scale`
 _MAX_HEADER = 100_000_000  # bytes: the largest header the safetensors library accepts
+# Bytes per element of the safetensors dtypes numpy can hold (the header's sizes are checked against them).
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
 
 
 log = logging.getLogger("ettin_jax.convert")
@@ -81,6 +86,7 @@ class Tensor:
     shape: tuple[int, ...]  # in our layout
     nbytes: int  # as stored
     reader: Callable[[Index], Any]  # index in our layout -> numpy or jax array
+    file: str = ""  # the file (or directory) that holds it, for messages
 
     def read(self, index: Index = ()) -> Any:
         """The part `index` of the tensor in our layout (all of it by default). Every read of
@@ -117,7 +123,14 @@ def architecture(directory: str) -> str:
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointFormatError(f"{file} is not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise CheckpointFormatError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+        raise CheckpointFormatError(f"{file} holds a JSON {kind}, not an object of config fields")
     names = data.get("architectures") or [DEFAULT_ARCHITECTURE]
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointFormatError(f"{file}: architectures must be a list of class names, got {names!r}")
     for name in names:
         if name in HEADS:
             return name
@@ -142,14 +155,14 @@ def _shard_files(directory: str, single: str, index: str) -> list[str]:
 
 
 def _from_torch_layout(
-    key: str, shape: tuple[int, ...], nbytes: int, read: Callable[[Index], Any]
+    key: str, shape: tuple[int, ...], nbytes: int, read: Callable[[Index], Any], file: str
 ) -> tuple[Path, Tensor]:
     """`read` takes an index in the file's layout. A PyTorch (out, in) weight is our (in, out)
     kernel: its parts are read at the transposed index, then transposed."""
     path, transpose = to_path(key)
     if transpose and len(shape) == 2:
-        return path, Tensor(key, shape[::-1], nbytes, lambda index: read(index[::-1]).T)
-    return path, Tensor(key, shape, nbytes, read)
+        return path, Tensor(key, shape[::-1], nbytes, lambda index: read(index[::-1]).T, file)
+    return path, Tensor(key, shape, nbytes, read, file)
 
 
 def read_transformers(directory: str) -> Checkpoint:
@@ -161,7 +174,7 @@ def read_transformers(directory: str) -> Checkpoint:
         return checkpoint
     for file in _shard_files(directory, PYTORCH, PYTORCH_INDEX):
         for key, array in _torch_load(file).items():
-            path, tensor = _from_torch_layout(key, array.shape, array.nbytes, array.__getitem__)
+            path, tensor = _from_torch_layout(key, array.shape, array.nbytes, array.__getitem__, file)
             checkpoint[path] = tensor
     return checkpoint
 
@@ -192,11 +205,27 @@ def _safetensors_header(file: str) -> dict[str, dict[str, Any]]:
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
             shape = [int(d) for d in entry["shape"]]
+            dtype = entry["dtype"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointFormatError(f"{file}: tensor {name!r} has a malformed header entry {entry!r}") from None
+        if not 0 <= begin <= end or any(d < 0 for d in shape):
+            raise CheckpointFormatError(
+                f"{file}: tensor {name!r} has an impossible header entry (data_offsets {[begin, end]}, shape {shape})"
+            )
         if end > data_size:
             raise CheckpointFormatError(
                 f"{file}: tensor {name!r} ends at byte {8 + length + end} but the file has {size} bytes (truncated)"
+            )
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+        if itemsize is None:
+            raise CheckpointFormatError(
+                f"{file}: tensor {name!r} has dtype {dtype!r}, which ettin-jax cannot read "
+                f"(expected one of {', '.join(_SAFETENSORS_ITEMSIZE)})"
+            )
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
+            raise CheckpointFormatError(
+                f"{file}: tensor {name!r} has shape {tuple(shape)} of {dtype} ({int(np.prod(shape)) * itemsize} "
+                f"bytes) but the header gives it {end - begin} bytes (data_offsets {[begin, end]})"
             )
         entry.update(shape=shape, nbytes=end - begin)
     return header
@@ -217,7 +246,9 @@ def _read_safetensors(file: str) -> Checkpoint:
 
     checkpoint: Checkpoint = {}
     for key, entry in header.items():
-        path, tensor = _from_torch_layout(key, tuple(entry["shape"]), entry["nbytes"], functools.partial(read, key))
+        path, tensor = _from_torch_layout(
+            key, tuple(entry["shape"]), entry["nbytes"], functools.partial(read, key), file
+        )
         checkpoint[path] = tensor
     return checkpoint
 
@@ -232,21 +263,44 @@ def _torch_load(file: str) -> dict[str, np.ndarray]:
             "or convert it to safetensors first"
         ) from None
     try:
+        # weights_only: the unpickler builds tensors and containers and refuses every other
+        # object, so a pickle cannot run code here.
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointFormatError(f"{file}: cannot read the PyTorch checkpoint safely ({e})") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointFormatError(
+            f"{file}: cannot read the PyTorch checkpoint safely: it holds something other than tensors, or is "
+            f"damaged ({_torch_reason(e)}); ettin-jax reads .bin files only with torch.load(weights_only=True)"
+        ) from None
+    except Exception as e:  # torch raises several types for corrupt or truncated files
+        raise CheckpointFormatError(
+            f"{file}: cannot read the PyTorch checkpoint: the file is damaged or truncated ({_torch_reason(e)})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
     out = {}
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointFormatError(f"{file}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
-        if tensor.dtype == torch.bfloat16:
-            # numpy has no bfloat16 of its own: reinterpret the bits as ml_dtypes' bfloat16.
-            out[key] = tensor.contiguous().view(torch.int16).numpy().view(jnp.bfloat16)
-        else:
-            out[key] = tensor.contiguous().numpy()
+        try:
+            if tensor.dtype == torch.bfloat16:
+                # numpy has no bfloat16 of its own: reinterpret the bits as ml_dtypes' bfloat16.
+                out[key] = tensor.contiguous().view(torch.int16).numpy().view(jnp.bfloat16)
+            else:
+                out[key] = tensor.contiguous().numpy()
+        except (TypeError, RuntimeError) as e:  # sparse, quantized or meta tensors have no numpy form
+            raise CheckpointFormatError(
+                f"{file}: tensor {key!r} ({tensor.dtype}, {tensor.layout}) cannot be read: {e}"
+            ) from None
     return out
+
+
+def _torch_reason(error: Exception) -> str:
+    """The line of torch's (long, multi-line) load error that says what was wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("Trying to load", "Unsupported")):  # what the weights-only unpickler refused
+            return line
+    return lines[0].split(". ")[0] if lines else type(error).__name__
 
 
 def read_flax(directory: str, mesh: Any = None) -> Checkpoint:
@@ -292,7 +346,7 @@ def read_flax(directory: str, mesh: Any = None) -> Checkpoint:
     for raw, path in paths.items():
         shape, dtype = tuple(stored[raw].shape), np.dtype(stored[raw].dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        checkpoint[path] = Tensor("/".join(map(str, path)), shape, nbytes, functools.partial(read, path))
+        checkpoint[path] = Tensor("/".join(map(str, path)), shape, nbytes, functools.partial(read, path), location)
     return checkpoint
 
 
@@ -392,11 +446,16 @@ def build_model(
     seed: int = 0,
     progress: bool = False,
     mesh: Any = None,
+    allow_nonfinite: bool = False,
 ) -> Any:
     """An instance of `cls` whose params come from `checkpoint`. With a `mesh`, every param is
     placed by `ettin_jax.sharding` and each process reads only the slices its devices hold.
     With `config.quantization` and a float checkpoint, each weight is quantized as it loads
-    (read whole: a channel's scale needs all of it)."""
+    (read whole: a channel's scale needs all of it).
+
+    Every float tensor is checked for NaN and inf as it is read (with a mesh, the parts this
+    process reads): the first one that holds any is a `CheckpointError` naming its key, unless
+    `allow_nonfinite`, which loads them with a warning."""
 
     def construct() -> Any:
         return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
@@ -456,22 +515,26 @@ def build_model(
         sharding.check_config(config, mesh)
         values = {p: sharding.put(v, sharding.param_sharding(p, np.shape(v), mesh)) for p, v in values.items()}
     read = 0
+    nonfinite: dict[str, str] = {}  # checkpoint key -> what was found, in the order read
     for path, tensor in items:
         if path in quantize:
             # The embedding table (V, D) has a scale per row; a kernel (D_in, D_out) per column.
             axis = 0 if path[-1] == "embedding" else -1
-            q, scale = quantization.quantize(_checked(tensor, tensor.read(), param_dtype), axis)
+            q, scale = quantization.quantize(_checked(tensor, tensor.read(), param_dtype, nonfinite), axis)
             values[path], values[quantize[path]] = q, scale.astype(param_dtype)
             if mesh is not None:
                 for p in (path, quantize[path]):
                     values[p] = sharding.put(values[p], sharding.param_sharding(p, values[p].shape, mesh))
             read += tensor.nbytes
         elif mesh is None:
-            values[path] = jnp.asarray(_checked(tensor, tensor.read(), params[path].dtype))
+            values[path] = jnp.asarray(_checked(tensor, tensor.read(), params[path].dtype, nonfinite))
         else:
             target = sharding.param_sharding(path, tensor.shape, mesh)
-            values[path], nbytes = _read_sharded(tensor, params[path].dtype, target)
+            values[path], nbytes = _read_sharded(tensor, params[path].dtype, target, nonfinite)
             read += nbytes
+        if nonfinite and not allow_nonfinite and mesh is None:
+            break  # one process reads everything: stop at the first, the error follows
+    _report_nonfinite(nonfinite, allow_nonfinite, together=mesh is not None)
     if mesh is not None:
         total = sum(t.nbytes for t in plan.source.values())
         log.info(
@@ -483,15 +546,61 @@ def build_model(
     return model
 
 
-def _checked(tensor: Tensor, array: Any, dtype: Any) -> Any:
+def _is_integer(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+
+
+def _checked(tensor: Tensor, array: Any, dtype: Any, nonfinite: dict[str, str]) -> Any:
     """`array`, a part of `tensor`, in `dtype`; integers where floats belong are an error (they
-    would load as numbers: an int8 tensor read into a float model is off by its scales)."""
-    if jnp.issubdtype(array.dtype, jnp.integer) != jnp.issubdtype(dtype, jnp.integer):
-        raise CheckpointError(f"{tensor.name} is stored as {array.dtype} but the model expects {jnp.dtype(dtype)}")
-    return array.astype(dtype, copy=False)
+    would load as numbers: an int8 tensor read into a float model is off by its scales). A
+    float part that holds NaN or inf is recorded in `nonfinite` (key -> what), checked in the
+    dtype the model gets (a value too large for it is inf there)."""
+    if _is_integer(array.dtype) != _is_integer(dtype):
+        where = f" (in {tensor.file})" if tensor.file else ""
+        raise CheckpointError(
+            f"{tensor.name}{where} is stored as {array.dtype} but the model expects {jnp.dtype(dtype)}"
+        )
+    array = array.astype(dtype, copy=False)
+    if not _is_integer(dtype) and tensor.name not in nonfinite:
+        xp = jnp if isinstance(array, jax.Array) else np
+        if not bool(xp.isfinite(array).all()):
+            host = np.asarray(array)
+            nan, inf = int(np.isnan(host).sum()), int(np.isinf(host).sum())
+            where = f" in {tensor.file}" if tensor.file else ""
+            part = "" if tuple(host.shape) == tuple(tensor.shape) else f" (in the part {tuple(host.shape)} read)"
+            nonfinite[tensor.name] = f"{nan} NaN and {inf} inf of its {host.size} values{part}{where}"
+    return array
 
 
-def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> tuple[jax.Array, int]:
+def _report_nonfinite(nonfinite: dict[str, str], allowed: bool, together: bool) -> None:
+    """A `CheckpointError` naming the first tensor that held NaN or inf, or with `allowed` a
+    warning naming them all. `together` (a mesh): each process read only its own parts, so
+    the processes first agree whether any of them found one (a collective)."""
+    found = bool(nonfinite)
+    if together and jax.process_count() > 1:
+        every = np.asarray(multihost_utils.process_allgather(np.array([found], np.int32))).reshape(-1)
+        others = [str(p) for p in np.flatnonzero(every) if p != jax.process_index()]
+        if others and not found and not allowed:
+            raise CheckpointError(
+                f"process(es) {', '.join(others)} found NaN or inf in the checkpoint tensors they read (see their "
+                "errors); pass allow_nonfinite=True (--allow-nonfinite) to load them anyway"
+            )
+    if not found:
+        return
+    if not allowed:
+        name, what = next(iter(nonfinite.items()))
+        raise CheckpointError(
+            f"{name} holds non-finite values ({what}): the checkpoint is damaged or comes from a run that "
+            "diverged; pass allow_nonfinite=True (--allow-nonfinite) to load it anyway"
+        )
+    warnings.warn(
+        f"loaded {len(nonfinite)} checkpoint tensor(s) holding NaN or inf (allow_nonfinite=True): "
+        + "; ".join(f"{name}: {what}" for name, what in nonfinite.items()),
+        stacklevel=5,
+    )
+
+
+def _read_sharded(tensor: Tensor, dtype: Any, target: Any, nonfinite: dict[str, str]) -> tuple[jax.Array, int]:
     """A global array with `target` sharding, and the bytes read for it: each process reads only
     its devices' slices, and each distinct slice once (replicas on several local devices share
     one read)."""
@@ -504,7 +613,7 @@ def _read_sharded(tensor: Tensor, dtype: Any, target: Any) -> tuple[jax.Array, i
         if key not in parts:
             part = tensor.read(index)
             read += part.nbytes
-            parts[key] = _checked(tensor, part, dtype)
+            parts[key] = _checked(tensor, part, dtype, nonfinite)
         return parts[key]
 
     return jax.make_array_from_callback(tuple(tensor.shape), target, fetch), read

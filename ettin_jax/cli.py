@@ -9,10 +9,14 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import sys
+import traceback
 import typing
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -40,12 +44,161 @@ class CommandError(EttinError):
     """A user error the command reports in one line."""
 
 
+# ---- checks of the arguments, made before any work ----------------------------------------
+def _at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    """Each integer flag in `names` (dests) that was given is >= `minimum`."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _finite(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _read_text(flag: str, path: str) -> str:
+    """The UTF-8 text of the file a flag names; a one-line error naming both otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CommandError(f"{flag} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CommandError(f"{flag} {path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _stdin_lines() -> Iterator[str]:
+    """stdin's lines without their ends, as they come; one that is not UTF-8 is an error naming it."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream with no bytes beneath (a program that embeds main())
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+        return
+    for number, raw in enumerate(stream, 1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise CommandError(f"stdin line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _check_mesh(args: argparse.Namespace) -> None:
+    if getattr(args, "mesh", None) is not None:
+        sharding.parse_mesh(args.mesh)  # its syntax; the sizes are checked against the devices later
+
+
+def _mesh(args: argparse.Namespace) -> typing.Any:
+    """The mesh --mesh asks for, or None; an error names the flag."""
+    try:
+        return sharding.mesh_from_arg(args.mesh)
+    except EttinError as e:
+        if str(e).startswith("--mesh"):
+            raise
+        raise CommandError(f"--mesh {args.mesh}: {e}") from None
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The flags of `generate` and `run` that say how to sample, before the model loads."""
+    _at_least(args, 0, "max_new_tokens", "top_k")
+    _at_least(args, 1, "max_batch_size", "num_return_sequences")
+    _finite(args, "temperature", "top_p", "min_p", "repetition_penalty")
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**32:
+        raise CommandError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if getattr(args, "do_sample", False) and not args.temperature > 0:
+        raise CommandError(f"--temperature must be > 0 with --do-sample, got {args.temperature}")
+    if getattr(args, "top_p", None) is not None and not 0.0 < args.top_p <= 1.0:
+        raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if getattr(args, "min_p", None) is not None and not 0.0 <= args.min_p <= 1.0:
+        raise CommandError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if getattr(args, "repetition_penalty", None) is not None and not args.repetition_penalty > 0:
+        raise CommandError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if getattr(args, "num_return_sequences", 1) > 1 and not args.do_sample:
+        raise CommandError(
+            f"--num-return-sequences {args.num_return_sequences} needs --do-sample (greedy decoding would return "
+            "identical copies)"
+        )
+
+
+def _check_generate(args: argparse.Namespace) -> None:
+    if args.output_file and not args.input_file:
+        raise CommandError("--output-file needs --input-file")
+    if args.resume and not args.output_file:
+        raise CommandError("--resume needs --output-file")
+    _check_sampling(args)
+    _check_mesh(args)
+    if args.output_file and (jobs.same_file(args.input_file, args.output_file) or os.path.isdir(args.output_file)):
+        # The input itself (however spelt) or a directory, refused here; the checks that the
+        # processes make together (an existing output, --resume) come in jobs.plan.
+        jobs.check_paths(args.input_file, args.output_file)
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    _check_sampling(args)
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    _at_least(args, 1, "max_batch_size", "max_length", "max_n", "max_tokens", "max_body_bytes")
+    _at_least(args, 0, "max_logprobs")
+    _finite(args, "shutdown_timeout")
+    if args.shutdown_timeout < 0:
+        raise CommandError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port must be in [0, 65535], got {args.port}")
+    _check_mesh(args)
+    args.chat_template_text = _read_text("--chat-template", args.chat_template) if args.chat_template else None
+    _check_listen(args.host, args.port)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """That the server can listen on host:port, found before the model loads rather than after."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CommandError(f"--host {host!r} is not an address this machine can listen on ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise CommandError(f"cannot listen on {host}:{port} (--host, --port): {e.strerror or e}") from None
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    if os.path.exists(args.src):  # a Hub id is checked once it is downloaded
+        _check_apart(args.src, args.dst)
+
+
+def _check_apart(src: str, dst: str) -> None:
+    """DST is neither SRC nor inside it, nor SRC inside DST: writing DST (and with --overwrite,
+    deleting what was there) never touches the source, however the paths are spelt."""
+    source, target = os.path.realpath(src), os.path.realpath(dst)
+    if source == target or jobs.same_file(src, dst):
+        raise CommandError(f"DST {dst} is the source {src}: converting in place would replace what it reads")
+    common = os.path.commonpath([source, target])
+    if common == source:
+        raise CommandError(f"DST {dst} is inside the source {src}; write the conversion somewhere else")
+    if common == target:
+        raise CommandError(
+            f"the source {src} is inside DST {dst}, which converting (with --overwrite) would delete; "
+            "write the conversion somewhere else"
+        )
+
+
 # ---- convert ------------------------------------------------------------------------------
 def _convert(args: argparse.Namespace) -> int:
     dst = os.path.abspath(args.dst)
+    _check_convert(args)
     if os.path.exists(dst) and not args.overwrite:
         raise CommandError(f"{dst} already exists; pass --overwrite to replace it")
     src = resolve(args.src, args.revision)
+    _check_apart(src, dst)
     source_format = checkpoint_format(src)
     target = args.to or ("transformers" if source_format == "flax" and not args.quantize else "flax")
     dtype = jnp.dtype(args.dtype)
@@ -55,7 +208,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise CommandError("--quantize writes an ettin-jax flax checkpoint; transformers cannot read int8 weights")
     model = load_pretrained(
         cls, src, dtype=dtype, param_dtype=dtype, legacy_rope=args.legacy_rope, progress=True,
-        **({"quantization": args.quantize} if args.quantize else {}),
+        allow_nonfinite=args.allow_nonfinite, **({"quantization": args.quantize} if args.quantize else {}),
     )  # fmt: skip
 
     staging = files.staging_dir_for(dst)
@@ -66,11 +219,15 @@ def _convert(args: argparse.Namespace) -> int:
                 shutil.copy2(os.path.join(src, name), os.path.join(staging, name))
         # Verify before anything is renamed into place: the written files must load back to
         # exactly the params we hold.
-        reloaded = load_pretrained(cls, staging, dtype=dtype, param_dtype=dtype)
+        with warnings.catch_warnings():  # NaN or inf let in by --allow-nonfinite were reported on reading
+            warnings.simplefilter("ignore", UserWarning)
+            reloaded = load_pretrained(
+                cls, staging, dtype=dtype, param_dtype=dtype, allow_nonfinite=args.allow_nonfinite
+            )
         ours = jax.tree.leaves(nnx.state(model, nnx.Param))
         theirs = jax.tree.leaves(nnx.state(reloaded, nnx.Param))
         if len(ours) != len(theirs) or not all(
-            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs, strict=True)
+            np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True) for a, b in zip(ours, theirs, strict=True)
         ):
             raise CommandError(f"verification failed: {staging} does not reload to the converted params")
         files.publish(staging, dst)
@@ -95,6 +252,8 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
     """from_pretrained's arguments that --dtype, --quantize and --kv-cache-dtype ask for (a
     flag not given leaves what the checkpoint records)."""
     kwargs = {"dtype": args.dtype}
+    if args.allow_nonfinite:
+        kwargs["allow_nonfinite"] = True
     if args.quantize:
         kwargs["quantization"] = args.quantize
     if args.kv_cache_dtype:
@@ -121,19 +280,17 @@ def _print_result(record: dict) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if args.output_file and not args.input_file:
-        raise CommandError("--output-file needs --input-file")
-    if args.resume and not args.output_file:
-        raise CommandError("--resume needs --output-file")
-    if args.max_batch_size is not None and args.max_batch_size < 1:
-        raise CommandError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-    mesh = sharding.mesh_from_arg(args.mesh)
+    _check_generate(args)  # main() did; again for callers of this function
+    mesh = _mesh(args)
     primary = distributed.is_primary()
     kwargs = _sampling_kwargs(args)
     if args.input_file:
-        prompts = jobs.read_prompts(args.input_file)
+        try:
+            prompts = jobs.read_prompts(args.input_file)
+        except OSError as e:
+            raise CommandError(f"--input-file {args.input_file}: {e.strerror or e}") from None
     else:
-        prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        prompts = args.prompt or [line for line in _stdin_lines() if line.strip()]
         if not prompts:
             raise CommandError("no prompt: pass PROMPT arguments, --input-file, or lines on stdin")
     if not args.input_file and len(prompts) == 1 and args.num_return_sequences == 1:
@@ -181,8 +338,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     pipe = pipeline(args.task, model=args.model, **_model_kwargs(args))
-    for line in sys.stdin:
-        text = line.rstrip("\n")
+    for text in _stdin_lines():
         if not text.strip():
             continue
         if args.task == "text-generation":
@@ -195,23 +351,16 @@ def _run(args: argparse.Namespace) -> int:
 
 # ---- serve --------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
-    for flag in ("max_batch_size", "max_length", "max_n", "max_tokens", "max_logprobs", "max_body_bytes"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "max_logprobs" else 1):
-            raise CommandError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    template = None
-    if args.chat_template:
-        with open(args.chat_template, encoding="utf-8") as f:  # OSError: one line, from main()
-            template = f.read()
+    if not hasattr(args, "chat_template_text"):
+        _check_serve(args)  # main() did; again for callers of this function
+    template = args.chat_template_text
     config = server.ServerConfig(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
         api_key=args.api_key or os.environ.get(server.API_KEY_ENV) or None,
         max_tokens=args.max_tokens, max_n=args.max_n, max_logprobs=args.max_logprobs,
         max_body_bytes=args.max_body_bytes, chat_template=template,
     )  # fmt: skip
-    generator = pipeline(
-        "text-generation", model=args.model, mesh=sharding.mesh_from_arg(args.mesh), **_model_kwargs(args)
-    )
+    generator = pipeline("text-generation", model=args.model, mesh=_mesh(args), **_model_kwargs(args))
     server.serve(
         generator, config, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         max_batch_size=args.max_batch_size, max_length=args.max_length,
@@ -336,9 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the global RoPE theta on every layer, as transformers 4.54-4.57 did",
     )
-    convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it exists (never the source, nor what holds it)"
+    )
     _add_quantization_flags(convert, kv=False)
-    convert.set_defaults(run=_convert)
+    _add_nonfinite_flag(convert)
+    convert.set_defaults(run=_convert, check=_check_convert)
 
     model_help = "a directory or a Hub id (default: the embedded tiny random model, see README)"
     generate = commands.add_parser("generate", help="sample text", description="Sample text from a causal LM.")
@@ -379,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the job that wrote --output-file (killed or preempted): keep its results, make the rest",
     )
+    _add_nonfinite_flag(generate)
     _add_device_flags(generate)
-    generate.set_defaults(run=_generate)
+    generate.set_defaults(run=_generate, check=_check_generate)
 
     run = commands.add_parser("run", help="a pipeline over stdin, like `transformers run`")
     run.add_argument("--task", required=True, choices=("text-generation", "text-classification"))
@@ -388,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--dtype", choices=DTYPES, default="float32")
     _add_quantization_flags(run)
-    run.set_defaults(run=_run)
+    _add_nonfinite_flag(run)
+    run.set_defaults(run=_run, check=_check_run)
 
     serve = commands.add_parser(
         "serve",
@@ -419,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds that requests in flight get after SIGTERM"
     )
-    serve.set_defaults(run=_serve)
+    _add_nonfinite_flag(serve)
+    serve.set_defaults(run=_serve, check=_check_serve)
 
     _add_train(commands)
     _add_compilation_cache_flag(parser)
@@ -436,6 +591,14 @@ def _add_quantization_flags(parser: argparse.ArgumentParser, kv: bool = True) ->
             "--kv-cache-dtype", choices=KV_CACHE_DTYPES,
             help="the global layers' KV cache: auto (the compute dtype) or int8 (per token and head)",
         )  # fmt: skip
+
+
+def _add_nonfinite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="load a checkpoint whose weights hold NaN or inf, with a warning (by default an error naming the tensor)",
+    )
 
 
 def _add_compilation_cache_flag(parser: argparse.ArgumentParser, default: typing.Any = None) -> None:
@@ -472,9 +635,35 @@ def _log_to_stderr() -> Iterator[None]:
         logger.propagate = saved[1]
 
 
+def _one_line(error: BaseException) -> str:
+    """An error as one line: an OSError as "FILE: reason", a message of several lines (a list
+    of problems) joined with "; "."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{error.filename}: {error.strerror}"
+        if error.filename2 is not None:
+            text += f" (and {error.filename2})"
+    else:
+        text = str(error) or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return "".join(lines)
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return isinstance(error, MemoryError) or (
+        isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command. A mistake in the input (an `EttinError`, an `OSError`) is one line on
+    stderr, `error: ...`, and exit status 2; anything else is a bug of ours: its traceback, a
+    line saying so, and exit status 1."""
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "check"):
+            args.check(args)  # the arguments, before any work (and before joining other processes)
         with _log_to_stderr(), compile_cache.compilation_cache(args.compilation_cache):
             if hasattr(args, "prepare"):
                 args.prepare(args)  # a command's set-up before anything runs JAX
@@ -482,8 +671,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _join_processes(args)  # before anything runs JAX
             return args.run(args)
     except (EttinError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _out_of_memory(e):
+            print(f"error: out of memory: {_one_line(e).split('; ')[0]}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            "error: this is a bug in ettin-jax, not a mistake in the input: please report it with the command that "
+            "ran and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ transformers stores as dicts are kept here as tuples (`label_names` for `id2labe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -210,7 +213,10 @@ class ModernBertDecoderConfig:
 
         `legacy_rope=True` uses the global theta on every layer, as transformers 4.54 to 4.57 did.
         """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config is a JSON object of fields, got a JSON {_json_type(data)}")
         data = dict(data)
+        _check_types(cls, data)
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ConfigError(
@@ -252,8 +258,15 @@ class ModernBertDecoderConfig:
             raise FileNotFoundError(f"no config.json at {file}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file} holds a JSON {_json_type(data)}, not an object of config fields")
         legacy_rope = overrides.pop("legacy_rope", False)
-        return cls.from_dict({**data, **overrides}, legacy_rope=legacy_rope)
+        try:
+            return cls.from_dict({**data, **overrides}, legacy_rope=legacy_rope)
+        except (ConfigError, QuantizationError) as e:  # named with the file it came from
+            raise type(e)(f"{file}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json that transformers' ModernBertDecoderConfig reads back unchanged."""
@@ -309,6 +322,90 @@ ETTIN_SIZES: dict[str, tuple[int, int, int, int]] = {
     "400m": (28, 1024, 2624, 16),
     "1b": (28, 1792, 3840, 28),
 }
+
+
+# ---- from_dict's type checks ------------------------------------------------------------------
+def _json_type(value: Any) -> str:
+    """A value's type as JSON names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "object" if isinstance(value, Mapping) else type(value).__name__
+
+
+def _accepts(kind: Any, value: Any) -> bool:
+    """Whether a JSON value fits the annotation `kind` of a config field."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(k, value) for k in typing.get_args(kind))
+    if origin is tuple:  # tuple[X, ...]: a list of X
+        item = typing.get_args(kind)[0]
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(kind: Any) -> str:
+    """What `_accepts(kind, ...)` takes, in words."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k) for k in typing.get_args(kind))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(kind)[0]).removeprefix('a ').removeprefix('an ')}s"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(kind, str(kind))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(cls: type, data: dict[str, Any]) -> None:
+    """A `ConfigError` naming the first field whose JSON type is wrong ("hidden_size": "64"),
+    before anything reads it; the values themselves are checked by the config."""
+    kinds = dict(_field_types(cls))
+    # The legacy thetas are read only when present (null: absent); the label and RoPE fields
+    # are transformers' spellings, read below.
+    kinds.update(global_rope_theta=float | None, local_rope_theta=float | None, num_labels=int | None)
+    kinds.update(global_attn_every_n_layers=int | None, model_type=str, rope_theta=float | None)
+    for name, value in data.items():
+        if name in kinds and not _accepts(kinds[name], value):
+            raise ConfigError(f"{name} must be {_describe(kinds[name])}, got {value!r} (a JSON {_json_type(value)})")
+    for name in ("rope_parameters", "rope_scaling", "quantization_config", "id2label", "label2id"):
+        if data.get(name) is not None and not isinstance(data[name], Mapping):
+            raise ConfigError(f"{name} must be an object, got {data[name]!r} (a JSON {_json_type(data[name])})")
+    for name in ("rope_parameters", "rope_scaling"):
+        params = data.get(name) or {}
+        nested = {f"{name}[{k!r}]": v for k, v in params.items() if k in LAYER_TYPES}
+        for where, value in nested.items():
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{where} must be an object, got {value!r} (a JSON {_json_type(value)})")
+        for where, value in [(name, params), *nested.items()]:
+            theta = (value or {}).get("rope_theta")
+            if theta is not None and not _accepts(float, theta):
+                raise ConfigError(f"{where}['rope_theta'] must be a number, got {theta!r}")
+    for key, label in (data.get("id2label") or {}).items():
+        if not (isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit())):
+            raise ConfigError(f"id2label keys must be label ids (0, 1, ...), got {key!r}")
+        if not isinstance(label, (str, int, float)) or isinstance(label, bool):
+            raise ConfigError(f"id2label[{key!r}] must be a label name, got {label!r}")
 
 
 def _read_rope(data: dict[str, Any]) -> tuple[float, float]:

@@ -48,16 +48,20 @@ from flax import nnx
 from ettin_jax import compilation, sharding
 from ettin_jax.cache import Cache, LayerCache, init_cache
 from ettin_jax.generation import (
+    ERRORS,
     GenerationConfig,
     GenerationError,
+    GenerationTypeError,
     Limits,
     _output_kernel,
     _output_kernel_program,
     _prefill,
     _prompt_tokens,
     check_prompts,
+    configure,
     resolve,
 )
+from ettin_jax.inputs import describe, integer, token_list
 from ettin_jax.padding import bucket
 from ettin_jax.platforms import on_cpu
 from ettin_jax.sampling import choose_rows, process_logits
@@ -395,16 +399,16 @@ class Engine:
     ):
         config = model.config
         self.model, self.config = model, config
-        self.max_length = int(max_length or config.max_position_embeddings)
-        if not 0 < self.max_length <= config.max_position_embeddings:
-            raise GenerationError(
-                f"max_length {self.max_length} must lie in [1, {config.max_position_embeddings}] (max_position_embeddings)"
-            )
-        for name, value in (("steps_per_call", steps_per_call), ("prefill_batch", prefill_batch),
-                            ("prefill_chunk", prefill_chunk), ("max_queue", max_queue),
-                            ("max_logprobs", max_logprobs)):  # fmt: skip
-            if not isinstance(value, int) or value < 1:
-                raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+        context = config.max_position_embeddings
+        self.max_length = context if max_length is None else integer(
+            max_length, "max_length", 1, context + 1, must=f"an integer in [1, {context}] (max_position_embeddings)",
+            errors=ERRORS,
+        )  # fmt: skip
+        for name, value in (("max_batch_size", max_batch_size), ("steps_per_call", steps_per_call),
+                            ("prefill_batch", prefill_batch), ("prefill_chunk", prefill_chunk),
+                            ("max_queue", max_queue), ("max_logprobs", max_logprobs)):  # fmt: skip
+            if value is not None or name != "max_batch_size":
+                integer(value, name, 1, must="a positive integer", errors=ERRORS)
         self.graphdef, self.state = nnx.split(model)
         self.mesh = sharding.mesh_of(self.state)
         ways = sharding.batch_ways(self.mesh)
@@ -456,18 +460,21 @@ class Engine:
         `on_update` as `Request` describes them. A request that cannot run (empty, too long, ids
         outside the vocabulary, a bad argument) comes back ended, with its `error`; the others
         are not affected. A full queue blocks until there is room."""
-        request = Request(self, [int(t) for t in prompt], GenerationConfig(), logprobs, on_update)
+        if on_update is not None and not callable(on_update):  # it would fail in the engine's thread
+            raise GenerationTypeError(f"on_update must be a function or None, got {describe(on_update)}")
+        request = Request(self, [], GenerationConfig(), None, on_update)
         try:
-            if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.max_logprobs):
-                raise GenerationError(f"logprobs must be an integer in [0, {self.max_logprobs}], got {logprobs!r}")
-            config = (generation_config or GenerationConfig()).replace(**kwargs)
+            request.prompt = token_list(prompt, "prompt", errors=ERRORS)
+            if logprobs is not None:
+                request.logprobs = integer(
+                    logprobs, "logprobs", 0, self.max_logprobs + 1,
+                    must=f"an integer in [0, {self.max_logprobs}]", errors=ERRORS,
+                )  # fmt: skip
+            config = configure(generation_config, **kwargs)
             request.config = config
             if config.num_return_sequences != 1:
                 raise GenerationError("the engine serves one sequence per request; submit the prompt again")
-            check_prompts([request.prompt], self.config.vocab_size)
-            request.limits = resolve(self.config, config, len(request.prompt), self.max_length)
-            if len(request.limits.eos) > MAX_STOP_TOKENS:
-                raise GenerationError(f"at most {MAX_STOP_TOKENS} stop token ids, got {len(request.limits.eos)}")
+            request.limits = _limits(self.config, config, request.prompt, "prompt", self.max_length)
             try:  # values the slots' int32 and float32 arrays cannot hold fail here, not in the engine's thread
                 self._params([request])
             except (OverflowError, ValueError, TypeError) as e:
@@ -829,23 +836,26 @@ def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -
     each, before any work."""
     engine_args = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENGINE_ARGS}
     per_request = {k: kwargs.pop(k) for k in list(kwargs) if k in _PER_REQUEST and isinstance(kwargs[k], (list, tuple))}
-    inputs = [[int(t) for t in p] for p in inputs]
-    if not inputs:
-        raise GenerationError("no prompts given")
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (Sequence, np.ndarray)):
+        raise GenerationTypeError(f"inputs must be a list of prompts (token-id lists), got {describe(inputs)}")
+    if not len(inputs):
+        raise GenerationError("inputs is empty: no prompts given")
     for name, values in per_request.items():
         if len(values) != len(inputs):
             raise GenerationError(f"{name} has {len(values)} values for {len(inputs)} requests")
-    configs, bad, longest = [], [], 1
-    for i, prompt in enumerate(inputs):
+    prompts, configs, bad, longest = [], [], [], 1
+    for i in range(len(inputs)):
         try:
+            prompt = token_list(inputs[i], f"inputs[{i}]", errors=ERRORS)
             config = GenerationConfig().replace(**kwargs, **{k: v[i] for k, v in per_request.items()})
-            check_prompts([prompt], model.config.vocab_size)
-            longest = max(longest, len(prompt) + resolve(model.config, config, len(prompt)).max_new)
+            longest = max(longest, len(prompt) + _limits(model.config, config, prompt, f"inputs[{i}]").max_new)
+            prompts.append(prompt)
             configs.append(config)
         except GenerationError as e:
-            bad.append(f"request {i}: {str(e).replace('prompt 0 ', 'the prompt ')}")
-    if bad:
-        raise GenerationError("; ".join(bad))
+            bad.append((i, e))
+    if bad:  # a TypeError when every request's problem is a wrong type
+        error = GenerationTypeError if all(isinstance(e, TypeError) for _, e in bad) else GenerationError
+        raise error("; ".join(f"request {i}: {e}" for i, e in bad))
     engine_args.setdefault("max_length", min(model.config.max_position_embeddings, bucket(longest)))
     engine_args.setdefault("max_queue", len(inputs))
     if engine_args.get("max_batch_size") is None:  # no more slots than requests (a power of two)
@@ -853,12 +863,26 @@ def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -
         slot_bytes = _slot_bytes(model.config, engine_args["max_length"], dtype)
         engine_args["max_batch_size"] = min(default_batch_size(slot_bytes), bucket(len(inputs), 1))
     engine = Engine(model, **engine_args)
-    requests = [engine.submit(p, c) for p, c in zip(inputs, configs, strict=True)]
+    requests = [engine.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
     engine.run()
     errors = [f"request {i}: {r.error}" for i, r in enumerate(requests) if r.error]
     if errors:
         raise GenerationError("; ".join(errors))
     return [r.tokens for r in requests]
+
+
+def _limits(config: Any, c: GenerationConfig, prompt: list[int], name: str, context: int | None = None) -> Limits:
+    """A request's `Limits`, or the `GenerationError` that names why it cannot run: its prompt
+    (`name`), its arguments, or more stop ids than a slot holds. What `submit` and
+    `generate_batch` check, before any work."""
+    try:
+        check_prompts([prompt], config.vocab_size, [name])
+    except GenerationError as e:
+        raise GenerationError(str(e).replace("prompt 0 ", "the prompt ", 1)) from None
+    limits = resolve(config, c, len(prompt), context)
+    if len(limits.eos) > MAX_STOP_TOKENS:
+        raise GenerationError(f"eos_token_id has {len(limits.eos)} ids; at most {MAX_STOP_TOKENS} stop token ids fit")
+    return limits
 
 
 _ENGINE_ARGS = ("max_batch_size", "max_length", "steps_per_call", "prefill_batch", "prefill_chunk", "max_queue")

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from ettin_jax import compilation, sharding
 from ettin_jax.cache import Cache
 from ettin_jax.config import ModernBertDecoderConfig
 from ettin_jax.errors import EttinError
+from ettin_jax.inputs import Errors, describe, integer, is_integer, to_array, token_list
 from ettin_jax.padding import Padded, bucket, left_pad
 from ettin_jax.platforms import on_cpu
 from ettin_jax.sampling import SamplingConfig, choose, process_logits
@@ -43,23 +44,60 @@ class GenerationError(EttinError, ValueError):
     """Generation arguments that cannot work, named in the message."""
 
 
+class GenerationTypeError(GenerationError, TypeError):
+    """A generation argument of the wrong type (a string seed, a float token id): also a `TypeError`."""
+
+
+ERRORS: Errors = (GenerationError, GenerationTypeError)
+
+
 # ---- preparing a batch --------------------------------------------------------------------
+def _is_row(x: Any) -> bool:
+    return isinstance(x, (list, tuple, np.ndarray, jax.Array))
+
+
 def prompts_from(input_ids: Any, attention_mask: Any) -> list[list[int]]:
-    """Rows of `input_ids` without their padding (left or right), or a list of token lists."""
-    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple)):
-        if attention_mask is not None:
-            raise GenerationError("pass attention_mask only with a 2-D input_ids array")
-        return [list(map(int, row)) for row in input_ids]
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise GenerationError(f"input_ids must be a 2-D array of integers, got shape {ids.shape} and dtype {ids.dtype}")
+    """Rows of `input_ids` without their padding (left or right), or a list of token lists (of
+    any lengths); a 1-D array or a flat list is one prompt. An error names the argument, and for
+    an item that is not an integer token id (a float, even 3.0, a bool, a string), its place."""
+    if isinstance(input_ids, (list, tuple)):
+        if not input_ids:
+            raise GenerationError("input_ids is empty: no prompts given")
+        rows = [_is_row(row) for row in input_ids]
+        if all(rows):  # token lists, each its own length
+            if attention_mask is not None:
+                raise GenerationError("pass attention_mask only with a 2-D input_ids array")
+            return [token_list(row, f"input_ids[{i}]", errors=ERRORS) for i, row in enumerate(input_ids)]
+        if any(rows):
+            i = rows.index(False)
+            raise GenerationTypeError(
+                f"input_ids[{i}] must be a list of token ids like input_ids[{rows.index(True)}], got {describe(input_ids[i])}"
+            )
+        input_ids = np.asarray(token_list(input_ids, "input_ids", errors=ERRORS))  # one prompt
+    if not isinstance(input_ids, (np.ndarray, jax.Array)):
+        raise GenerationTypeError(
+            f"input_ids must be token ids (a 2-D integer array or a list of token-id lists), got {describe(input_ids)}"
+        )
+    ids = np.asarray(to_array(input_ids, "input_ids", "integers", errors=ERRORS))
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2:
+        raise GenerationError(f"input_ids must have shape (batch, length), got {ids.shape}")
+    if not ids.shape[0]:
+        raise GenerationError(f"input_ids is empty: no prompts given (shape {ids.shape})")
     if attention_mask is None:
         return [row.tolist() for row in ids]
-    mask = np.asarray(attention_mask).astype(bool)
+    mask = np.asarray(to_array(attention_mask, "attention_mask", "mask", errors=ERRORS))
+    mask = mask[None] if mask.ndim == 1 else mask
     if mask.shape != ids.shape:
         raise GenerationError(f"attention_mask has shape {mask.shape}; expected {ids.shape} like input_ids")
+    bad = ~np.isin(mask, (0, 1))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise GenerationError(
+            f"attention_mask[{row}, {col}] = {mask[row, col]}: attention_mask must hold 1 for prompt tokens and 0 "
+            "for padding, nothing else"
+        )
+    mask = mask.astype(bool)
     return [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
@@ -218,7 +256,9 @@ class _Request:
 class GenerationConfig(SamplingConfig):
     """How to generate, with transformers' names and defaults; `generate(**kwargs)` overrides
     any of them. The sampling fields (do_sample, temperature, top_k, top_p, min_p,
-    repetition_penalty) are `SamplingConfig`'s."""
+    repetition_penalty) are `SamplingConfig`'s. Every field is checked as the config is made (a
+    `GenerationError` naming it; a `GenerationTypeError` for a wrong type); what depends on the
+    model or the prompt (the vocabulary, the context) is checked by `resolve`."""
 
     max_new_tokens: int | None = None  # default: DEFAULT_MAX_NEW_TOKENS, or what max_length leaves
     max_length: int | None = None  # prompt + new tokens
@@ -228,11 +268,30 @@ class GenerationConfig(SamplingConfig):
     pad_token_id: int | None = None  # default: the model config's, else the first EOS
     seed: int = 0
 
+    _errors: ClassVar[Errors] = ERRORS
+
     def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except ValueError as e:
-            raise GenerationError(str(e)) from None
+        super().__post_init__()
+        optional = lambda value, check: None if value is None else check(value)  # noqa: E731
+        eos = self.eos_token_id
+        if eos is not None and not is_integer(eos):
+            if isinstance(eos, (str, bytes)) or not _is_row(eos):
+                raise GenerationTypeError(f"eos_token_id must be a token id or a list of them, got {describe(eos)}")
+            eos = token_list(eos, "eos_token_id", errors=ERRORS)
+        fields = {
+            "max_new_tokens": optional(self.max_new_tokens, lambda v: integer(v, "max_new_tokens", 0, errors=ERRORS)),
+            "max_length": optional(self.max_length, lambda v: integer(v, "max_length", 1, errors=ERRORS)),
+            "min_new_tokens": integer(self.min_new_tokens, "min_new_tokens", 0, errors=ERRORS),
+            "num_return_sequences": integer(
+                self.num_return_sequences, "num_return_sequences", 1, must="a positive integer", errors=ERRORS
+            ),
+            "eos_token_id": int(eos) if is_integer(eos) else eos,
+            # Any int32: a pad id outside the vocabulary only pads the output (see _prefill).
+            "pad_token_id": optional(self.pad_token_id, lambda v: integer(v, "pad_token_id", errors=ERRORS)),
+            "seed": integer(self.seed, "seed", bits=64, errors=ERRORS),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     def replace(self, **changes: Any) -> GenerationConfig:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -241,16 +300,28 @@ class GenerationConfig(SamplingConfig):
         return dataclasses.replace(self, **changes)
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """A `GenerationError` naming the first prompt that is empty or holds an id outside the vocabulary."""
+def configure(generation_config: GenerationConfig | None, **kwargs: Any) -> GenerationConfig:
+    """`generation_config` (default: `GenerationConfig()`) with `kwargs` replacing its fields:
+    what `generate`, `generate_stream` and the engine's `submit` take."""
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise GenerationTypeError(f"generation_config must be a GenerationConfig, got {describe(generation_config)}")
+    return (generation_config or GenerationConfig()).replace(**kwargs)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, names: Sequence[str] | None = None) -> None:
+    """A `GenerationError` naming the first prompt that is empty or holds an id outside the
+    vocabulary, and the id's place. `names`: how each prompt is named (default input_ids[i])."""
     if not prompts:
         raise GenerationError("no prompts given")
     for i, prompt in enumerate(prompts):
+        name = f"input_ids[{i}]" if names is None else names[i]
         if not len(prompt):
-            raise GenerationError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+            raise GenerationError(f"prompt {i} is empty ({name}): generation needs at least one token (e.g. BOS)")
+        for j, token in enumerate(prompt):
+            if not 0 <= token < vocab_size:
+                raise GenerationError(
+                    f"prompt {i} has token id {token} outside the vocabulary [0, {vocab_size}) at {name}[{j}]"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +339,6 @@ def resolve(config: ModernBertDecoderConfig, c: GenerationConfig, width: int, co
     may hold (default: max_position_embeddings)."""
     context = config.max_position_embeddings if context is None else context
     copies = c.num_return_sequences
-    if not isinstance(copies, int) or copies < 1:
-        raise GenerationError(f"num_return_sequences must be a positive integer, got {copies!r}")
     if copies > 1 and not c.do_sample:
         raise GenerationError(
             f"num_return_sequences={copies} with greedy decoding would return identical copies; pass do_sample=True"
@@ -280,22 +349,21 @@ def resolve(config: ModernBertDecoderConfig, c: GenerationConfig, width: int, co
         if max_new <= 0:
             raise GenerationError(f"max_length={c.max_length} leaves no room after the {width}-token prompt")
     max_new = DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new
-    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
-        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new!r}")
-    if not isinstance(c.min_new_tokens, int) or c.min_new_tokens < 0:
-        raise GenerationError(f"min_new_tokens must be an integer >= 0, got {c.min_new_tokens!r}")
+    if c.min_new_tokens > max_new:
+        source = "" if c.max_new_tokens is not None else (
+            " (what max_length leaves)" if c.max_length is not None else " (the default)")  # fmt: skip
+        raise GenerationError(f"min_new_tokens={c.min_new_tokens} exceeds max_new_tokens={max_new}{source}")
     if width + max_new > context:
         limit = "max_position_embeddings" if context == config.max_position_embeddings else "the engine's max_length"
         raise GenerationError(f"a {width}-token prompt plus {max_new} new tokens exceeds {limit} ({context})")
     if c.eos_token_id is None:
         eos = config.eos_token_ids
-    elif isinstance(c.eos_token_id, int):
-        eos = (c.eos_token_id,)
     else:
-        eos = tuple(int(t) for t in c.eos_token_id)
-    bad = [t for t in eos if not 0 <= t < config.vocab_size]
-    if bad:
-        raise GenerationError(f"eos_token_id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        eos = (c.eos_token_id,) if isinstance(c.eos_token_id, int) else tuple(c.eos_token_id)
+    for i, token in enumerate(eos):
+        if not 0 <= token < config.vocab_size:
+            where = "" if isinstance(c.eos_token_id, int) or c.eos_token_id is None else f" (eos_token_id[{i}])"
+            raise GenerationError(f"eos_token_id {token} is outside the vocabulary [0, {config.vocab_size}){where}")
     pad = c.pad_token_id
     if pad is None:
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
@@ -338,8 +406,7 @@ class GenerationMixin:
         (with `attention_mask` for padding) or a list of token lists. `kwargs`: any field of
         `GenerationConfig` (max_new_tokens, do_sample, temperature, top_k, top_p, seed, ...)."""
         graphdef, state = nnx.split(self)
-        config = (generation_config or GenerationConfig()).replace(**kwargs)
-        request = _prepare(self, state, input_ids, attention_mask, config)
+        request = _prepare(self, state, input_ids, attention_mask, configure(generation_config, **kwargs))
         batch = request.batch
         active = np.arange(batch.ids.shape[0]) < batch.rows
         rows, shared = _place(
@@ -365,10 +432,13 @@ class GenerationMixin:
         **kwargs: Any,
     ) -> Iterator[np.ndarray]:
         """Like `generate`, but yields each step's new tokens, (batch * num_return_sequences,),
-        as soon as they are made (pad for rows already finished)."""
+        as soon as they are made (pad for rows already finished). The arguments are checked at
+        the call, before the first token is asked for."""
         graphdef, state = nnx.split(self)
-        config = (generation_config or GenerationConfig()).replace(**kwargs)
-        request = _prepare(self, state, input_ids, attention_mask, config)
+        request = _prepare(self, state, input_ids, attention_mask, configure(generation_config, **kwargs))
+        return self._stream(graphdef, state, request)
+
+    def _stream(self, graphdef: Any, state: Any, request: _Request) -> Iterator[np.ndarray]:
         batch, static, mesh = request.batch, request.static, request.mesh
         rows, shared = _place(
             mesh,

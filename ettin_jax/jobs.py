@@ -60,6 +60,8 @@ def read_prompts(path: str) -> list[str]:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise JobError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
             if not line.strip():
                 continue
             if not path.endswith(".jsonl"):
@@ -127,6 +129,14 @@ def results_present(path: str, prompts: Sequence[str], indices: Sequence[int], i
     with open(path, "r+b") as f:
         for line in f:
             if not line.endswith(b"\n"):
+                # Cut off only what a kill can leave: the start of the next result's line. Bytes
+                # that are not that are someone else's file, and stay.
+                start = result_line({"prompt": prompts[indices[count]]})[:-2] if count < len(indices) else b""
+                if not start or line[: len(start)] != start[: len(line)]:
+                    raise JobError(
+                        f"{path}:{count + 1} is neither a result nor the start of one of the prompts of {input_file}: "
+                        "it is not this job's output; pass another --output-file"
+                    )
                 log.warning(
                     "%s: cut off a partial last line (%d bytes), written as the job was killed", path, len(line)
                 )
@@ -162,9 +172,27 @@ def _start(path: str, prompts: Sequence[str], indices: Sequence[int], input_file
     return results_present(path, prompts, indices, input_file)
 
 
-def _check_paths(input_file: str | None, output_file: str) -> None:
-    if input_file is not None and os.path.realpath(input_file) == os.path.realpath(output_file):
-        raise JobError(f"--output-file {output_file} is the input file; choose another name")
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file, however spelt: relative or absolute, through symlinks
+    or `..`, or hard links of one file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet)
+        return False
+
+
+def check_paths(input_file: str | None, output_file: str) -> None:
+    """A `JobError` for an output that would lose something: the input file itself (however
+    spelt), a directory, or a place that does not exist."""
+    if input_file is not None and same_file(input_file, output_file):
+        raise JobError(
+            f"--output-file {output_file} is the input file; choose another name (writing it would destroy the "
+            f"prompts of {input_file})"
+        )
+    if os.path.isdir(output_file):
+        raise JobError(f"--output-file {output_file} is a directory; give the path of a .jsonl file")
     parent = os.path.dirname(os.path.abspath(output_file))
     if not os.path.isdir(parent):
         raise JobError(f"the directory of --output-file {output_file} does not exist: {parent}")
@@ -218,7 +246,7 @@ def plan(
     error, done, finished = None, 0, False
     try:
         if output_file is not None:
-            _check_paths(input_file, output_file)
+            check_paths(input_file, output_file)
         if share:
             if me == 0 and os.path.exists(output_file):
                 present = _start(output_file, prompts, everyone, source, resume)

@@ -18,12 +18,36 @@ import numpy as np
 from flax import nnx
 
 from ettin_jax import compilation, convert, default_model
+from ettin_jax.errors import EttinError
 from ettin_jax.generation import GenerationConfig, resolve
-from ettin_jax.inputs import check_inputs
+from ettin_jax.inputs import check_inputs, describe, flag, integer
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
 from ettin_jax.padding import left_pad, with_bos
 
 TASKS = ("text-generation", "text-classification")
+
+
+class PipelineError(EttinError, ValueError):
+    """A pipeline argument that cannot work, named in the message."""
+
+
+class PipelineTypeError(PipelineError, TypeError):
+    """A pipeline argument of the wrong type (a number where text belongs): also a `TypeError`."""
+
+
+ERRORS = (PipelineError, PipelineTypeError)
+
+
+def texts_of(inputs: Any) -> list[str]:
+    """A text or a list of texts as a list, or an error naming the first item that is not a string."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if isinstance(inputs, bytes) or not isinstance(inputs, (Sequence, np.ndarray)):
+        raise PipelineTypeError(f"inputs must be a string or a list of strings, got {describe(inputs)}")
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise PipelineTypeError(f"inputs[{i}] must be a string, got {describe(text)}")
+    return list(inputs)
 
 
 def _load_tokenizer(directory: str) -> Any:
@@ -95,12 +119,17 @@ class TextGenerationPipeline:
         memory allows). There each sample is a request of its own, with the seed
         `sample_seed(seed, prompt, sequence, num_return_sequences)`: a prompt's samples do not
         depend on the other prompts in the list."""
-        options = {"return_full_text": return_full_text, "return_tensors": return_tensors}
+        texts = texts_of(inputs)
+        options = {
+            "return_full_text": flag(return_full_text, "return_full_text", errors=ERRORS),
+            "return_tensors": flag(return_tensors, "return_tensors", errors=ERRORS),
+        }
+        if batch_size is not None:
+            integer(batch_size, "batch_size", 1, must="a positive integer", errors=ERRORS)
         if isinstance(inputs, str):
             prompt = self.encode(inputs)
             out = self.model.generate([prompt], **generate_kwargs)
             return [self.record(inputs, self.new_tokens(row), **options) for row in out[:, len(prompt) :]]
-        texts = list(inputs)
         if not texts:
             return []
         config, copies = self.sampling(**generate_kwargs)
@@ -117,10 +146,16 @@ class TextGenerationPipeline:
         ]
 
     def stream(self, text: str, **generate_kwargs: Any) -> Iterator[str]:
-        """Yields the completion of one prompt piece by piece as tokens are made."""
+        """Yields the completion of one prompt piece by piece as tokens are made; the arguments
+        are checked at the call."""
+        if not isinstance(text, str):
+            raise PipelineTypeError(f"text must be a string, got {describe(text)}")
+        return self._pieces(self.model.generate_stream([self.encode(text)], **generate_kwargs))
+
+    def _pieces(self, steps: Iterator[np.ndarray]) -> Iterator[str]:
         tokens: list[int] = []
         shown = ""
-        for step in self.model.generate_stream([self.encode(text)], **generate_kwargs):
+        for step in steps:
             token = int(step[0])
             if token in self.model.config.eos_token_ids:
                 break
@@ -161,7 +196,8 @@ class TextClassificationPipeline:
 
     def __call__(self, inputs: str | Sequence[str], *, batch_size: int = 16) -> list[dict[str, Any]]:
         """[{"label": ..., "score": ...}], one per input: the most likely label."""
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        texts = texts_of(inputs)
+        integer(batch_size, "batch_size", 1, must="a positive integer", errors=ERRORS)
         labels = self.model.config.id2label
         out = []
         for start in range(0, len(texts), batch_size):
@@ -183,16 +219,16 @@ def pipeline(
     for the embedded default (see `ettin_jax.default_model`). Extra keyword arguments go to
     `from_pretrained` (e.g. `num_labels`)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; ettin-jax pipelines: {', '.join(TASKS)}")
+        raise PipelineError(f"unknown task {task!r}; ettin-jax pipelines: {', '.join(TASKS)}")
     cls = ModernBertDecoderForCausalLM if task == "text-generation" else ModernBertDecoderForSequenceClassification
     if model is None or isinstance(model, (str, os.PathLike)):
         directory = default_model.path() if model is None else convert.resolve(model, kwargs.pop("revision", None))
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(directory)
         model = cls.from_pretrained(directory, dtype=dtype, param_dtype=dtype, **kwargs)
     elif not isinstance(model, cls):
-        raise TypeError(f"task {task!r} needs a {cls.__name__}, got {type(model).__name__}")
+        raise PipelineTypeError(f"task {task!r} needs a {cls.__name__}, got {type(model).__name__}")
     if tokenizer is None:
-        raise ValueError("pass tokenizer= with a loaded model")
+        raise PipelineError("pass tokenizer= with a loaded model")
     if task == "text-generation":
         return TextGenerationPipeline(model, tokenizer)
     return TextClassificationPipeline(model, tokenizer)

@@ -30,6 +30,7 @@ class PretrainedMixin:
         param_dtype: DType = jnp.float32,
         revision: str | None = None,
         mesh: Any = None,
+        allow_nonfinite: bool = False,
         **config_overrides: Any,
     ) -> Any:
         """Loads a transformers checkpoint (safetensors, sharded or not, or pytorch_model.bin),
@@ -39,10 +40,14 @@ class PretrainedMixin:
 
         `quantization="int8"` (or transformers' `load_in_8bit=True`) quantizes the weights as they
         load, for inference (`ettin_jax.quantization`); a checkpoint saved so loads as int8 without
-        it. `kv_cache_dtype="int8"` keeps generation's global-layer KV cache in int8."""
+        it. `kv_cache_dtype="int8"` keeps generation's global-layer KV cache in int8.
+
+        Every float tensor is checked for NaN and inf as it is read: one that holds any is a
+        `CheckpointError` naming its checkpoint key. `allow_nonfinite=True` loads such a
+        checkpoint anyway, with a warning naming the tensors."""
         return convert.load_pretrained(
             cls, path_or_repo_id, dtype=dtype, param_dtype=param_dtype, revision=revision, mesh=mesh,
-            **config_overrides,
+            allow_nonfinite=allow_nonfinite, **config_overrides,
         )  # fmt: skip
 
     def save_pretrained(self, directory: str | os.PathLike, format: str = "transformers") -> None:

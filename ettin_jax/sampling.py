@@ -12,9 +12,12 @@ its logits as they are.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from ettin_jax.inputs import INPUT_ERRORS, Errors, flag, integer, number
 
 Array = jax.Array
 NEG_INF = -jnp.inf
@@ -31,17 +34,28 @@ class SamplingConfig:
     min_p: float | None = None
     repetition_penalty: float | None = None
 
+    # The errors a bad field raises (for a bad value, for a bad type); `GenerationConfig` raises its own.
+    _errors: ClassVar[Errors] = INPUT_ERRORS
+
     def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Checks every field, whether or not it is used (a greedy run takes a temperature too),
+        and stores it as a plain Python bool, int or float."""
+        errors = self._errors
+        sample = flag(self.do_sample, "do_sample", errors=errors)
+        fields = {
+            "do_sample": sample,
+            # 0 is allowed for greedy decoding (where it is unused), as OpenAI-style callers pass it
+            "temperature": number(self.temperature, "temperature", 0, low_open=sample,
+                                  note=" when sampling" if sample else "", errors=errors),
+            "top_k": None if self.top_k is None else integer(self.top_k, "top_k", 0, must="a non-negative integer",
+                                                              errors=errors),
+            "top_p": None if self.top_p is None else number(self.top_p, "top_p", 0, 1, low_open=True, errors=errors),
+            "min_p": None if self.min_p is None else number(self.min_p, "min_p", 0, 1, errors=errors),
+            "repetition_penalty": None if self.repetition_penalty is None else number(
+                self.repetition_penalty, "repetition_penalty", 0, low_open=True, errors=errors),
+        }  # fmt: skip
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     def static(self) -> tuple[bool, bool, bool, bool, bool, bool]:
         """Which processors are on: the part of the config that shapes the compiled program."""

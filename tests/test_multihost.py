@@ -238,7 +238,7 @@ def test_an_unreachable_coordinator_is_an_error_not_a_hang(workdir):
 def test_a_mesh_larger_than_the_devices_is_an_error(workdir):
     r = single(["generate", "--model", "model", "--mesh", "data=4,tensor=4", "w1"], cwd=workdir)
     assert r.returncode == 2
-    assert "error: mesh data=4,fsdp=1,tensor=4 needs 16 devices but there are 8" in r.stderr
+    assert "error: --mesh data=4,tensor=4: mesh data=4,fsdp=1,tensor=4 needs 16 devices but there are 8" in r.stderr
 
 
 def test_distributed_without_a_cluster_says_what_to_give(workdir):

@@ -10,6 +10,9 @@ explicit flag name (for a bool that defaults to True); "group", a required mutua
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import typing
 from typing import Any
 
 from ettin_jax.config import PROBLEM_TYPES
@@ -89,34 +92,50 @@ class TrainArgs:
     mesh: str | None = _arg(None, 'device mesh, e.g. "data=4,fsdp=2"; default: one device', cli=False)
 
     def __post_init__(self) -> None:
+        """Every argument checked before any work: a wrong one is a `TrainingError` that names its flag."""
         if self.task not in TRAIN_TASKS:
             raise TrainingError(f"task must be one of {', '.join(TRAIN_TASKS)}, got {self.task!r}")
+        _check_types(self)
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
             value = getattr(self, field.name)
             if choices and value is not None and value not in choices:
                 raise TrainingError(f"{_flag(field.name)} must be one of {', '.join(choices)}, got {value!r}")
+        for name in ("train_file", "output_dir", "text_column", "label_column"):
+            if not getattr(self, name).strip():
+                raise TrainingError(f"{_flag(name)} must not be empty")
         if (self.epochs is None) == (self.max_steps is None):
             raise TrainingError("give exactly one of --epochs and --max-steps")
         for name in ("epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "save_steps",
-                     "eval_steps", "save_total_limit", "log_steps", "max_length", "block_size"):  # fmt: skip
+                     "eval_steps", "save_total_limit", "log_steps"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"{_flag(name)} must be >= 1, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
+        # A classified text is BOS plus at least one token; a causal-LM block predicts at least one.
+        for name in ("max_length", "block_size"):
+            if getattr(self, name) < 2:
+                raise TrainingError(f"{_flag(name)} must be >= 2, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise TrainingError(f"--seed must lie in [0, 2**32), got {self.seed}")
+        if not 0 <= self.warmup_ratio < 1:  # NaN fails every comparison
             raise TrainingError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise TrainingError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise TrainingError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise TrainingError(f"--learning-rate must be a finite number > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainingError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.max_grad_norm == 0:
             self.max_grad_norm = None  # the flag's way of saying "no clipping"
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise TrainingError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise TrainingError(
+                f"--max-grad-norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}"
+            )
+        problem = "causal_lm" if self.task == "lm" else self.problem_type
         try:
-            metrics.greater_is_better(self.metric_for_best)
+            metrics.check_metric(self.metric_for_best, problem)
         except ValueError as e:
             raise TrainingError(f"--metric-for-best: {e}") from None
+        if not self.metric_for_best.startswith(metrics.EVAL_PREFIX):
+            self.metric_for_best = metrics.EVAL_PREFIX + self.metric_for_best  # as evaluation names it
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other; pass one")
 
@@ -127,3 +146,28 @@ class TrainArgs:
 
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
+
+
+def _check_types(args: TrainArgs) -> None:
+    """Each field's value of its annotated type (from Python, nothing else checks it): an int
+    field takes an int, a float field an int or a float, a str field a str; None where allowed."""
+    for name, hint in typing.get_type_hints(TrainArgs).items():
+        value = getattr(args, name)
+        kinds = typing.get_args(hint) or (hint,)
+        if str in kinds and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a pathlib.Path for a file or directory: run.json saves a str
+            setattr(args, name, value)
+        if value is None and type(None) in kinds:
+            continue
+        if bool in kinds:
+            ok = isinstance(value, bool)
+        elif float in kinds:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif int in kinds:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            wanted = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}
+            kind = next((k for k in (bool, float, int, str) if k in kinds), str)
+            raise TrainingError(f"{_flag(name)} must be {wanted[kind]}, got {value!r}")

@@ -10,8 +10,10 @@ per length.
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -33,102 +35,231 @@ class DataError(EttinError, ValueError):
 
 
 # ---- reading ------------------------------------------------------------------------------
-def read_table(path: str | os.PathLike) -> dict[str, list[Any]]:
+class Table(dict):
+    """Columns by name, as lists, plus `lines`: the line of the file on which each row starts
+    (None for Parquet, which has no lines). Compares equal to the plain dict of its columns."""
+
+    lines: list[int] | None = None
+
+
+def read_table(path: str | os.PathLike) -> Table:
     """Columns of a .csv, .jsonl (or .json lines) or .parquet file, as lists. CSV cells are
-    strings, JSON and Parquet values keep their types; a missing value is None (see `column`)."""
+    strings, JSON and Parquet values keep their types; a missing value is None (see `column`).
+
+    Whatever the file holds, a problem is a `DataError` that names the file, and the line where
+    there is one: an empty or header-only file, bytes that are not UTF-8 (a binary file), a NUL
+    character, malformed CSV quoting, a CSV row with more cells than the header, a repeated
+    header name, a JSON line that is not an object, a Parquet file that does not read."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)  # a short row's missing cells are None
-            rows = list(reader)
-        for number, row in enumerate(rows, 1):
-            if None in row:
-                raise DataError(f"row {number} of {path} has more cells than the header has columns")
-    elif ext in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {number} is not JSON: {e}") from None
-                    if not isinstance(rows[-1], dict):
-                        raise DataError(f"{path} line {number} is not a JSON object")
-    elif ext == ".parquet":
+        return _read_csv(path)
+    if ext in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if ext == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"cannot read {path}: expected a .csv, .jsonl or .parquet file")
+
+
+def _read_text(path: str) -> str:
+    """The file as text: UTF-8 (a byte-order mark is dropped), no NUL characters."""
+    with open(path, "rb") as f:
+        raw = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); is it a binary file? "
+            "Save the data as UTF-8"
+        ) from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise DataError(f"{path} line {line} holds a NUL character; is it a binary file?")
+    return text
+
+
+def _read_csv(path: str) -> Table:
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    while True:
+        start = reader.line_num + 1  # the line on which the next record starts
         try:
-            import pyarrow.parquet as pq  # the "train" extra: inference never needs it
-        except ImportError:
-            raise DataError(f"reading {path} needs pyarrow: pip install 'ettin-jax[train]'") from None
-        table = pq.read_table(path).to_pydict()
-        if not table or not len(next(iter(table.values()))):
-            raise DataError(f"data file {path} has no rows")
-        return table
-    else:
-        raise DataError(f"cannot read {path}: expected a .csv, .jsonl or .parquet file")
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path} line {start} is not valid CSV: {e}") from None
+        if not row:
+            continue  # a blank line
+        if header is None:
+            header = row
+            repeated = sorted({name for name in row if row.count(name) > 1})
+            if repeated:
+                raise DataError(f"the header of {path} (line {start}) names column(s) {repeated} more than once")
+            continue
+        if len(row) > len(header):
+            raise DataError(
+                f"row {len(rows) + 1} of {path} has more cells than the header has columns "
+                f"(line {start}: {len(row)} cells, {len(header)} columns)"
+            )
+        rows.append(row)
+        lines.append(start)
+    if header is None:
+        raise DataError(f"data file {path} has no rows: it is empty")
     if not rows:
-        raise DataError(f"data file {path} has no rows")
+        raise DataError(f"data file {path} has no rows, only a header")
+    # A short row's missing cells are None: `column` names the row when one is used.
+    table = Table({name: [row[i] if i < len(row) else None for row in rows] for i, name in enumerate(header)})
+    table.lines = lines
+    return table
+
+
+def _read_jsonl(path: str) -> Table:
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is a huge int
+            raise DataError(f"{path} line {number} is not JSON: {e} (expected one JSON object per line)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is not a JSON object (expected one JSON object per line)")
+        rows.append(row)
+        lines.append(number)
+    if not rows:
+        raise DataError(f"data file {path} has no rows: it holds no JSON object")
     names = dict.fromkeys(name for row in rows for name in row)  # every row's keys, in order
-    return {name: [row.get(name) for row in rows] for name in names}
+    table = Table({name: [row.get(name) for row in rows] for name in names})
+    table.lines = lines
+    return table
+
+
+def _read_parquet(path: str) -> Table:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq  # the "train" extra: inference never needs it
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install 'ettin-jax[train]'") from None
+    try:
+        columns = pq.read_table(path).to_pydict()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable Parquet file: {e}") from None
+    if not columns or not len(next(iter(columns.values()))):
+        raise DataError(f"data file {path} has no rows")
+    return Table(columns)
+
+
+def _where(row: int, lines: Sequence[int] | None) -> str:
+    """' (line N)' for the 1-based `row` when the file has lines, else ''."""
+    return f" (line {lines[row - 1]})" if lines is not None and 0 < row <= len(lines) else ""
 
 
 def column(table: dict[str, list[Any]], name: str, path: str) -> list[Any]:
-    """The column `name`; a row without a value in it is an error that names the row."""
+    """The column `name`; a row without a value in it is an error that names the row (and the
+    line of the file)."""
     if name not in table:
         raise DataError(f"column {name!r} is not in {path}; its columns are {sorted(table)}")
     values = table[name]
+    lines = getattr(table, "lines", None)
     for row, value in enumerate(values, 1):
         if value is None:
-            raise DataError(f"row {row} of {path} has no value in column {name!r}")
+            raise DataError(f"row {row} of {path} has no value in column {name!r}{_where(row, lines)}")
     return values
 
 
+def texts(table: dict[str, list[Any]], name: str, path: str) -> list[str]:
+    """The text column `name` as strings: a number is its text; a list, an object or binary
+    data is an error that names the row."""
+    values = column(table, name, path)
+    lines = getattr(table, "lines", None)
+    out = []
+    for row, value in enumerate(values, 1):
+        if isinstance(value, str):
+            out.append(value)
+        elif _is_number(value):
+            out.append(str(value))
+        else:
+            raise DataError(
+                f"row {row} of {path} has a {type(value).__name__}, not a text, in column {name!r}{_where(row, lines)}"
+            )
+    return out
+
+
 # ---- labels -------------------------------------------------------------------------------
-def read_labels(values: Sequence[Any], path: str, column_name: str) -> list[Any]:
+def read_labels(values: Sequence[Any], path: str, column_name: str, lines: Sequence[int] | None = None) -> list[Any]:
     """A label column with its types restored, whatever the file format: a number as int or
     float (float for the whole column when any number in it is not whole), a JSON or Python list
     as a list of str, anything else as str (comma-separated labels stay one string until
-    the multi-label reading splits them). An empty cell and a NaN or infinite number are errors that name
-    the row."""
-    out = [_read_label(v, row, path, column_name) for row, v in enumerate(values, 1)]
-    if all(_is_number(v) for v in out):
-        whole = all(float(v).is_integer() for v in out)
+    the multi-label reading splits them). An empty cell, a NaN or infinite number, a JSON object
+    and a list with an empty, null or nested item are errors that name the row (and, given the
+    file's `lines`, the line)."""
+    out = [_read_label(v, row, path, column_name, lines) for row, v in enumerate(values, 1)]
+    if out and all(_is_number(v) for v in out):
+        whole = all(isinstance(v, int) or v.is_integer() for v in out)
         return [int(v) if whole else float(v) for v in out]
     return out
 
 
-def _read_label(value: Any, row: int, path: str, column_name: str) -> Any:
+def _read_label(value: Any, row: int, path: str, column_name: str, lines: Sequence[int] | None) -> Any:
     where = f"in row {row} of {path} (column {column_name!r})"
+    line = _where(row, lines)
     if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
+        return _read_label_list(value, where, line)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # a whole number of any size
     if _is_number(value):
         if not math.isfinite(value):
-            raise DataError(f"label {value!r} {where} is not a finite number")
+            raise DataError(f"label {value!r} {where} is not a finite number{line}")
         return value
+    if isinstance(value, dict):
+        raise DataError(f"label {value!r} {where} is a JSON object, not a label{line}")
+    if isinstance(value, (bytes, bytearray)):
+        raise DataError(f"label {where} is binary data, not a label{line}")
     text = str(value).strip()
     if not text:
-        raise DataError(f"row {row} of {path} has no value in column {column_name!r}")
+        raise DataError(f"row {row} of {path} has no value in column {column_name!r}{line}")
     if text.startswith("["):
         try:
             parsed = json.loads(text)
-        except json.JSONDecodeError:  # pandas writes lists as Python literals: ['a', 'b']
+        except (ValueError, RecursionError):  # pandas writes lists as Python literals: ['a', 'b']
             try:
                 parsed = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
                 parsed = None
         if not isinstance(parsed, list):
-            raise DataError(f"label {text!r} {where} starts with '[' but is not a list")
-        return [str(v) for v in parsed]
+            raise DataError(f"label {text!r} {where} starts with '[' but is not a list{line}")
+        return _read_label_list(parsed, where, line)
+    if _INTEGER.fullmatch(text):
+        try:
+            return int(text)
+        except ValueError:  # more digits than int() reads: a name
+            return text
     try:
         number = float(text)
     except ValueError:
         return text
     if not math.isfinite(number):
-        raise DataError(f"label {text!r} {where} is not a finite number")
-    return int(text) if _INTEGER.fullmatch(text) else number
+        raise DataError(f"label {text!r} {where} is not a finite number{line}")
+    return number
+
+
+def _read_label_list(items: Sequence[Any], where: str, line: str) -> list[str]:
+    """A multi-label row's list: each item a name or a finite number, as str."""
+    out = []
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise DataError(f"label list {list(items)!r} {where} holds {item!r}, not a finite number{line}")
+        if item is None or isinstance(item, (list, tuple, dict)) or not str(item).strip():
+            raise DataError(f"label list {list(items)!r} {where} holds {item!r}, not a label{line}")
+        out.append(str(item).strip())
+    return out
 
 
 def _is_number(value: Any) -> bool:
@@ -142,13 +273,31 @@ def _label_list(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
-def infer_problem_type(values: Sequence[Any]) -> str:
+def infer_problem_type(
+    values: Sequence[Any], path: str = "the data", column_name: str = "label", lines: Sequence[int] | None = None
+) -> str:
     """For labels from `read_labels`: lists or comma-separated labels: multi-label; numbers not
-    all whole (floats): regression; anything else (whole numbers, names): single-label."""
+    all whole (floats): regression; anything else (whole numbers, names): single-label. A column
+    of numbers and names both is ambiguous: an error that names the first label of the fewer
+    kind (its row and line)."""
     if any(isinstance(v, list) or (isinstance(v, str) and "," in v) for v in values):
         return "multi_label_classification"
-    if all(isinstance(v, float) for v in values):
+    if values and all(isinstance(v, float) for v in values):
         return "regression"
+    numbers = sum(_is_number(v) for v in values)
+    if 0 < numbers < len(values):
+        odd_is_number = numbers < len(values) - numbers or (
+            numbers == len(values) - numbers and not _is_number(values[0])
+        )
+        row = next(r for r, v in enumerate(values, 1) if _is_number(v) == odd_is_number)
+        kind, others = ("a number", "names") if odd_is_number else ("a name", "numbers")
+        count = len(values) - numbers if odd_is_number else numbers
+        raise DataError(
+            f"label {values[row - 1]!r} in row {row} of {path} (column {column_name!r}) is {kind}, but "
+            f"{count} of the column's {len(values)} labels are {others}{_where(row, lines)}: a label column holds "
+            "numbers (regression, or classes when all are whole) or names, not both. Fix the row, or pass "
+            "--problem-type single_label_classification to read every label as a name"
+        )
     return "single_label_classification"
 
 
@@ -165,8 +314,16 @@ def label_names(values: Sequence[Any], problem_type: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def encode_labels(
-    values: Sequence[Any], problem_type: str, names: Sequence[str], path: str, column_name: str
+    values: Sequence[Any],
+    problem_type: str,
+    names: Sequence[str],
+    path: str,
+    column_name: str,
+    lines: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Labels from `read_labels` as (N,) class indices, (N, L) multi-hot floats, or (N,) floats
     for regression."""
@@ -177,6 +334,7 @@ def encode_labels(
             shown = list(names) if len(names) <= 20 else [*names[:20], "..."]
             raise DataError(
                 f"label {name!r} in row {row + 1} of {path} (column {column_name!r}) is not in the label set {shown}"
+                + _where(row + 1, lines)
             )
         return index[name]
 
@@ -185,7 +343,7 @@ def encode_labels(
             if isinstance(v, list):
                 raise DataError(
                     f"label {v!r} in row {i + 1} of {path} (column {column_name!r}) is a list; "
-                    "single_label_classification takes one label per row"
+                    f"single_label_classification takes one label per row{_where(i + 1, lines)}"
                 )
         return np.array([lookup(str(v), i) for i, v in enumerate(values)], np.int32)
     if problem_type == "multi_label_classification":
@@ -195,8 +353,11 @@ def encode_labels(
                 hot[i, lookup(name, i)] = 1.0
         return hot
     for i, v in enumerate(values):
+        where = f"in row {i + 1} of {path} (column {column_name!r})"
         if not _is_number(v):
-            raise DataError(f"regression label {v!r} in row {i + 1} of {path} (column {column_name!r}) is not a number")
+            raise DataError(f"regression label {v!r} {where} is not a number{_where(i + 1, lines)}")
+        if not abs(v) <= _FLOAT32_MAX:
+            raise DataError(f"regression label {v!r} {where} is too large for float32{_where(i + 1, lines)}")
     return np.asarray(values, np.float32)
 
 

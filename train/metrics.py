@@ -166,6 +166,42 @@ def greater_is_better(metric: str) -> bool:
     )
 
 
+# What `evaluate` reports for each problem type (each name prefixed "eval_"); multi-label adds
+# "f1_<label>" for each label.
+EVAL_METRICS = {
+    "causal_lm": ("loss", "perplexity"),
+    "single_label_classification": ("loss", "accuracy", "macro_f1"),
+    "multi_label_classification": ("loss", "exact_match", "micro_f1", "macro_f1"),
+    "regression": ("loss", "mse", "pearson"),
+}
+
+
+def eval_metric_names(problem_type: str, label_names: Sequence[str] | None = None) -> list[str]:
+    """The eval metrics a run of `problem_type` ("causal_lm" or a classification problem type)
+    reports, prefixed "eval_"; for multi-label with `label_names`, one f1 per label too."""
+    names = list(EVAL_METRICS[problem_type])
+    if problem_type == "multi_label_classification":
+        names += [f"f1_{n}" for n in label_names] if label_names is not None else ["f1_<label>"]
+    return [EVAL_PREFIX + n for n in names]
+
+
+def check_metric(metric: str, problem_type: str | None, label_names: Sequence[str] | None = None) -> None:
+    """ValueError, naming the valid choices, unless evaluation of `problem_type` reports `metric`
+    (with or without its "eval_" prefix). problem_type None: any classification problem type;
+    multi-label without `label_names`: any "eval_f1_<label>" as well."""
+    name = metric if metric.startswith(EVAL_PREFIX) else EVAL_PREFIX + metric
+    problems = [p for p in EVAL_METRICS if p != "causal_lm"] if problem_type is None else [problem_type]
+    for problem in problems:
+        if problem not in EVAL_METRICS:
+            raise ValueError(f"unknown problem_type {problem!r}; expected one of {', '.join(EVAL_METRICS)}")
+        valid = eval_metric_names(problem, label_names)
+        any_f1 = problem == "multi_label_classification" and label_names is None
+        if name in valid or (any_f1 and name.startswith(EVAL_PREFIX + "f1_") and len(name) > len(EVAL_PREFIX + "f1_")):
+            return
+    choices = "; ".join(f"{p}: {', '.join(eval_metric_names(p, label_names))}" for p in problems)
+    raise ValueError(f"unknown metric {metric!r}; the evaluation reports {choices}")
+
+
 def is_better(metric: str, new: float, old: float | None) -> bool:
     """Whether `new` improves on `old` for `metric`: NaN is never better; anything else beats None or NaN."""
     higher = greater_is_better(metric)

@@ -16,6 +16,7 @@ then continues exactly where the run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,18 +54,58 @@ def prepare_host(args: TrainArgs) -> None:
 
 
 # ---- the output directory -----------------------------------------------------------------
+# The files a run writes at its top level; a run that fails before its first step removes them.
+_RUN_FILES = ("run.json", "metrics.jsonl", "metrics.png")
+
+
 def prepare_output_dir(args: TrainArgs) -> bool:
-    """Creates or checks the output directory; True when there is a run to resume. With several
-    processes, each checks, then process 0 alone writes."""
+    """Checks, then creates the output directory; True when there is a run to resume."""
     resuming = _check_output_dir(args)
+    _create_output_dir(args, resuming)
+    return resuming
+
+
+def _create_output_dir(args: TrainArgs, resuming: bool) -> bool:
+    """Creates the run in the output directory (deleting the old one for --overwrite) unless
+    resuming; True when the directory itself was created. `train` calls it once the data has
+    been read and checked, so a run refused for its data or flags writes nothing. With several
+    processes, each checks (again: nothing may have appeared meanwhile), then process 0 alone
+    writes."""
+    if _check_output_dir(args) != resuming:
+        raise TrainingError(f"{args.output_dir} changed while the run was being prepared; start it again")
     distributed.barrier("output-dir-checked")
+    created = False
     if distributed.is_primary() and not resuming:
-        if args.overwrite and os.path.isdir(args.output_dir):
+        existed = os.path.isdir(args.output_dir)
+        if args.overwrite and existed:
             shutil.rmtree(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "run.json"), args.identity())
+        created = not existed
     distributed.barrier("output-dir-ready")
-    return resuming
+    return created
+
+
+def _remove_unstarted_run(out: str, created: bool) -> None:
+    """Undoes `_create_output_dir` for a run that failed before its first step, so that the same
+    command can run again: the run's own files (never a checkpoint) and, if the run created it,
+    the directory once empty."""
+    checkpoints = os.path.join(out, "checkpoints")
+    if os.path.isdir(checkpoints) and not any(name.isdigit() for name in os.listdir(checkpoints)):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    for name in _RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+    if created:
+        with contextlib.suppress(OSError):  # not empty: something else is there, and stays
+            os.rmdir(out)
+    log.warning("the run failed before its first step: removed what it had written to %s", out)
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies inside it, however either is spelt."""
+    directory = os.path.realpath(directory)
+    return os.path.commonpath([directory, os.path.realpath(path)]) == directory
 
 
 def _check_output_dir(args: TrainArgs) -> bool:
@@ -72,6 +113,13 @@ def _check_output_dir(args: TrainArgs) -> bool:
     run_file = os.path.join(out, "run.json")
     if os.path.isdir(out) and os.listdir(out):
         if args.overwrite:
+            inputs = {"--train-file": args.train_file, "--eval-file": args.eval_file, "--model": args.model}
+            for flag, path in inputs.items():
+                if path is not None and os.path.exists(path) and _inside(path, out):
+                    raise TrainingError(
+                        f"{flag} {path} is inside --output-dir {out}, which --overwrite would delete; "
+                        "move it or choose another --output-dir"
+                    )
             if not os.path.isfile(run_file):
                 raise TrainingError(
                     f"{out} is not empty and holds no ettin-jax run (no run.json); refusing to delete it, "
@@ -107,10 +155,42 @@ class Prepared:
 
 
 def prepare(args: TrainArgs) -> Prepared:
-    """Reads and tokenizes the data, then loads the model with a head for its labels (sharded
-    over `args.mesh` if given). Every process reads all the data: batches are built the same
-    everywhere, and each process places only its own devices' rows."""
+    """Reads and checks the data (before the model is touched: a bad file or column fails fast),
+    then tokenizes it and loads the model with a head for its labels (sharded over `args.mesh` if
+    given). Every process reads all the data: batches are built the same everywhere, and each
+    process places only its own devices' rows."""
     from transformers import AutoTokenizer
+
+    mesh = sharding.mesh_from_arg(args.mesh)
+    ways = sharding.batch_ways(mesh)
+    for flag, size in (("--batch-size", args.batch_size), ("--eval-batch-size", args.eval_batch_size)):
+        if size is not None and size % ways:
+            raise TrainingError(f"{flag} {size} does not split over the mesh's {ways} batch shards (data x fsdp)")
+
+    tables = {"train": data.read_table(args.train_file)}
+    if args.eval_file:
+        tables["eval"] = data.read_table(args.eval_file)
+    paths = {"train": args.train_file, "eval": args.eval_file}
+    texts = {split: data.texts(t, args.text_column, paths[split]) for split, t in tables.items()}
+    if args.task == "classify":
+        pairs = {
+            split: data.texts(t, args.text_pair_column, paths[split]) if args.text_pair_column else None
+            for split, t in tables.items()
+        }
+        values = {
+            split: data.read_labels(
+                data.column(t, args.label_column, paths[split]), paths[split], args.label_column, t.lines
+            )
+            for split, t in tables.items()
+        }
+        kind = args.problem_type or data.infer_problem_type(
+            values["train"], paths["train"], args.label_column, tables["train"].lines
+        )
+        if kind != "multi_label_classification":  # multi-label's f1_<label> waits for the label set
+            _check_metric(args, kind)
+        if kind == "regression":  # every label a number: checked now, before the model is read
+            for split, t in tables.items():
+                data.encode_labels(values[split], kind, ("LABEL_0",), paths[split], args.label_column, t.lines)
 
     directory = default_model.path() if args.model is None else resolve(args.model)
     config = ModernBertDecoderConfig.from_pretrained(directory)
@@ -122,41 +202,28 @@ def prepare(args: TrainArgs) -> Prepared:
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     max_length = min(args.max_length, config.max_position_embeddings)
     dtype = jnp.dtype(args.dtype)
-    mesh = sharding.mesh_from_arg(args.mesh)
-    ways = sharding.batch_ways(mesh)
-    for flag, size in (("--batch-size", args.batch_size), ("--eval-batch-size", args.eval_batch_size)):
-        if size is not None and size % ways:
-            raise TrainingError(f"{flag} {size} does not split over the mesh's {ways} batch shards (data x fsdp)")
-
-    tables = {"train": data.read_table(args.train_file)}
-    if args.eval_file:
-        tables["eval"] = data.read_table(args.eval_file)
-    paths = {"train": args.train_file, "eval": args.eval_file}
 
     if args.task == "lm":
         block = min(args.block_size, config.max_position_embeddings)
         examples = {
-            split: Examples(
-                ids=list(data.pack_blocks(tokenizer, data.column(t, args.text_column, paths[split]), block, bos, eos)),
-                labels=None,
-            )
-            for split, t in tables.items()
+            split: Examples(ids=list(data.pack_blocks(tokenizer, split_texts, block, bos, eos)), labels=None)
+            for split, split_texts in texts.items()
         }
         model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
         return Prepared(model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id)
 
-    values = {
-        split: data.read_labels(data.column(t, args.label_column, paths[split]), paths[split], args.label_column)
-        for split, t in tables.items()
-    }
-    kind = args.problem_type or data.infer_problem_type(values["train"])
     names = _label_set(config, directory, kind, values["train"])
+    _check_metric(args, kind, names)
+    log.info(
+        "labels: %s%s%s",
+        kind,
+        "" if kind == "regression" else f", {len(names)} classes",
+        "" if args.problem_type else f" (inferred from {args.train_file}; --problem-type chooses another)",
+    )
     examples = {}
     for split, t in tables.items():
-        texts = data.column(t, args.text_column, paths[split])
-        pairs = data.column(t, args.text_pair_column, paths[split]) if args.text_pair_column else None
-        labels = data.encode_labels(values[split], kind, names, paths[split], args.label_column)
-        ids, truncated = data.tokenize_pairs(tokenizer, texts, pairs, max_length, bos)
+        labels = data.encode_labels(values[split], kind, names, paths[split], args.label_column, t.lines)
+        ids, truncated = data.tokenize_pairs(tokenizer, texts[split], pairs[split], max_length, bos)
         examples[split] = Examples(ids, labels, truncated)
         if truncated:
             log.warning(
@@ -177,6 +244,14 @@ def prepare(args: TrainArgs) -> Prepared:
     return Prepared(model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id)
 
 
+def _check_metric(args: TrainArgs, kind: str, names: tuple[str, ...] | None = None) -> None:
+    """--metric-for-best against what evaluating this problem type reports."""
+    try:
+        metrics.check_metric(args.metric_for_best, kind, names if kind == "multi_label_classification" else None)
+    except ValueError as e:
+        raise TrainingError(f"--metric-for-best: {e}") from None
+
+
 def _label_set(config: Any, directory: str, kind: str, values: list[Any]) -> tuple[str, ...]:
     """The checkpoint's own labels when it is a classifier for this problem with named labels,
     else the training column's."""
@@ -192,16 +267,32 @@ def _label_set(config: Any, directory: str, kind: str, values: list[Any]) -> tup
 def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = None) -> dict[str, Any]:
     """Runs (or resumes) a fine-tuning run; returns a summary. `on_step(step, metrics)`, if
     given, is called after every step (tests use it to stop a run part-way)."""
-    import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
-
-    resuming = prepare_output_dir(args)
+    # The directory is checked first (read only) and written only once the data has been read
+    # and checked: a run refused for its data or flags leaves nothing behind, and one that fails
+    # before its first step removes what it wrote, so the corrected command runs as it is.
+    resuming = _check_output_dir(args)
     prepared = prepared or prepare(args)
-    out = os.path.abspath(args.output_dir)
     train_batches = Batches(
         prepared.train, args.batch_size, prepared.pad_id, args.max_length if args.task == "classify" else args.block_size,
         grad_accum=args.grad_accum, seed=args.seed, shuffle=True,
     )  # fmt: skip
+    created = _create_output_dir(args, resuming)
+    stepped: list[int] = []  # the steps this call has run with a finite loss
+    try:
+        return _train(args, prepared, train_batches, resuming, on_step, stepped)
+    except BaseException:
+        if not resuming and not stepped and distributed.is_primary():
+            _remove_unstarted_run(args.output_dir, created)
+        raise
+
+
+def _train(
+    args: TrainArgs, prepared: Prepared, train_batches: Batches, resuming: bool, on_step: Any, stepped: list[int]
+) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    out = os.path.abspath(args.output_dir)
     total = args.max_steps or args.epochs * train_batches.num_batches
     opt = OptimizerConfig(
         learning_rate=args.learning_rate,
@@ -243,10 +334,17 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     if resuming and manager.latest_step() is not None:
         start = manager.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint())
-        restored = manager.restore(
-            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), trainer=ocp.args.JsonRestore())
-        )
-        state = state.restore(restored["state"])
+        try:
+            restored = manager.restore(
+                start,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), trainer=ocp.args.JsonRestore()),
+            )
+            state = state.restore(restored["state"])
+        except Exception as e:  # orbax's errors for a damaged or foreign checkpoint are of many types
+            raise TrainingError(
+                f"checkpoint {start} in {out}/checkpoints cannot be restored ({type(e).__name__}: {e}); "
+                "the run is left as it is"
+            ) from e
         position, best = restored["trainer"]["position"], restored["trainer"]["best"]
         log.info("resumed from step %d (epoch %d, batch %d)", start, position["epoch"], position["index"])
     elif resuming:
@@ -301,6 +399,7 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
                            "lower the learning rate or check the data, then --resume."
                            if last is not None else "No checkpoint was saved before it.")
                     )  # fmt: skip
+                stepped.append(step)  # a step with a finite loss: from here on, the run is kept
                 window.append((loss, float(m["grad_norm"])))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
