@@ -1,18 +1,28 @@
-"""Log-probabilities of given tokens: what an OpenAI server's `echo` with `logprobs` returns for
-the prompt, and what an evaluation harness sums into a log-likelihood.
+"""Log-probabilities of given tokens, in batched, bucketed forward passes: what an OpenAI
+server's `echo` with `logprobs` returns for a prompt, and what an evaluation harness asks for.
 
-`token_logprobs(model, sequences)` runs one forward pass per batch of sequences (sorted by
-length, right-padded to a bucketed width, as many rows as `max_batch_tokens` allows) and gives,
-for every token after the first, its raw log-probability given the tokens before it, and the
-most likely tokens at that place. Float32 log-softmax of the model's logits, as `generate`
-computes them.
+- `token_logprobs(model, sequences)`: for every token after the first, its log-probability given
+  the tokens before it, and the most likely tokens at that place (the server's `echo`).
+- `loglikelihood(model, requests)`: for (context, continuation) token lists, the continuation's
+  summed log-probability given the context, and whether greedy decoding would have produced it:
+  lm-evaluation-harness's `loglikelihood` pair.
+- `loglikelihood_rolling(model, documents)`: a whole document's log-likelihood, in windows of
+  the model's context, as lm-evaluation-harness's `loglikelihood_rolling` defines it (the
+  perplexity of a text).
+
+Each sorts its inputs by length and groups them into batches of at most `max_batch_tokens`
+tokens, right-padded to a bucketed width, so that a few compiled programs serve any stream.
+Log-probabilities are the float32 log-softmax of the model's logits over its whole vocabulary,
+as `generate` and transformers compute them. `loglikelihood` computes the last layer and the
+logits only at the continuation's places: the vocabulary projection is most of a small model's
+work, and a harness's contexts are longer than its continuations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -21,8 +31,11 @@ import numpy as np
 from flax import nnx
 
 from ettin_jax import compilation, sharding
-from ettin_jax.generation import GenerationError, check_prompts
+from ettin_jax.generation import ERRORS, GenerationError, GenerationTypeError
+from ettin_jax.inputs import describe, integer, token_list
 from ettin_jax.padding import bucket
+
+DEFAULT_BATCH_TOKENS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +47,55 @@ class SequenceLogprobs:
     top_values: np.ndarray  # (T-1, top) float32
 
 
+def _batches(lengths: Sequence[int], max_batch_tokens: int, ways: int) -> Iterator[tuple[list[int], int, int]]:
+    """Groups of input indices, shortest first, with their bucketed width and batch rows (a
+    power of two, then whole rows for each of the mesh's `ways` batch shards): at most
+    `max_batch_tokens` tokens a batch (one row whatever its length)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    start = 0
+    while start < len(order):
+        width = bucket(lengths[order[start]])
+        rows = max(1, max_batch_tokens // width)
+        group = [i for i in order[start : start + rows] if lengths[i] <= width] or [order[start]]
+        width = bucket(max(lengths[i] for i in group))
+        yield group, width, -(-bucket(len(group), 1) // ways) * ways
+        start += len(group)
+
+
+def _run(program: Any, model: Any, arrays: dict[str, np.ndarray], **static: Any) -> tuple[np.ndarray, ...]:
+    """`program(graphdef, state, *arrays, **static)` on the model's mesh (if any); host results."""
+    graphdef, state = nnx.split(model)
+    mesh = sharding.mesh_of(state)
+    with sharding.activate(mesh):
+        placed = sharding.put_batch(arrays, mesh) if mesh is not None else arrays
+        return tuple(map(sharding.to_host, program(graphdef, state, *placed.values(), **static)))
+
+
+def _token_lists(model: Any, lists: Any, name: str, *, fit: bool = True, empty: bool = False) -> list[list[int]]:
+    """`lists[i]` as lists of ints in the vocabulary (and, with `fit`, at most the model's
+    context; with `empty`, possibly empty), or an error naming `name[i]` and the place."""
+    if isinstance(lists, (str, bytes)) or not isinstance(lists, (Sequence, np.ndarray)):
+        raise GenerationTypeError(f"{name} must be a list of token-id lists, got {describe(lists)}")
+    vocab, context = model.config.vocab_size, model.config.max_position_embeddings
+    out = []
+    for i, values in enumerate(lists):
+        tokens = token_list(values, f"{name}[{i}]", errors=ERRORS)
+        bad = next((j for j, t in enumerate(tokens) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise GenerationError(f"{name}[{i}][{bad}] is {tokens[bad]}, outside the vocabulary [0, {vocab})")
+        if not tokens and not empty:
+            raise GenerationError(f"{name}[{i}] is empty")
+        if fit and len(tokens) > context:
+            raise GenerationError(f"{name}[{i}] has {len(tokens)} tokens; the model's context is {context}")
+        out.append(tokens)
+    if not out:
+        raise GenerationError(f"{name} is empty")
+    return out
+
+
+# ---- every token's log-probability (the server's echo) --------------------------------------
 @functools.partial(compilation.jit, static_argnames=("graphdef", "top"))
-def _program(graphdef, state, ids, valid, *, top: int):
+def _token_program(graphdef, state, ids, valid, *, top: int):
     """ids, valid (B, T), right-padded: (B, T-1) log-probabilities of ids[:, 1:], and the top
     (B, T-1, top) ids and values."""
     model = nnx.merge(graphdef, state)
@@ -47,39 +107,144 @@ def _program(graphdef, state, ids, valid, *, top: int):
 
 
 def token_logprobs(
-    model: Any, sequences: Sequence[Sequence[int]], top: int = 0, *, max_batch_tokens: int = 4096
+    model: Any, sequences: Sequence[Sequence[int]], top: int = 0, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS
 ) -> list[SequenceLogprobs]:
     """Each sequence's `SequenceLogprobs`, in input order. `top`: how many most likely tokens to
     return at each place. A sequence must hold at most `max_position_embeddings` tokens."""
-    sequences = [[int(t) for t in s] for s in sequences]
-    check_prompts(sequences, model.config.vocab_size)
-    context = model.config.max_position_embeddings
-    for i, s in enumerate(sequences):
-        if len(s) > context:
-            raise GenerationError(f"sequence {i} has {len(s)} tokens; the model's context is {context}")
-    graphdef, state = nnx.split(model)
-    mesh = sharding.mesh_of(state)
-    ways = sharding.batch_ways(mesh)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    sequences = _token_lists(model, sequences, "sequences")
+    max_batch_tokens = integer(max_batch_tokens, "max_batch_tokens", 1, errors=ERRORS)
+    ways = sharding.batch_ways(sharding.mesh_of(nnx.state(model)))
     results: list[SequenceLogprobs | None] = [None] * len(sequences)
-    start = 0
-    while start < len(order):
-        width = bucket(len(sequences[order[start]]))
-        rows = max(1, max_batch_tokens // width)
-        group = [i for i in order[start : start + rows] if len(sequences[i]) <= width] or [order[start]]
-        width = bucket(max(len(sequences[i]) for i in group))
-        batch = -(-bucket(len(group), 1) // ways) * ways
+    for group, width, batch in _batches([len(s) for s in sequences], max_batch_tokens, ways):
         ids = np.zeros((batch, width), np.int32)
         valid = np.zeros((batch, width), bool)
         for row, i in enumerate(group):
             ids[row, : len(sequences[i])] = sequences[i]
             valid[row, : len(sequences[i])] = True
-        with sharding.activate(mesh):
-            placed = sharding.put_batch({"ids": ids, "valid": valid}, mesh) if mesh is not None else None
-            args = (placed["ids"], placed["valid"]) if placed else (ids, valid)
-            chosen, top_ids, values = map(sharding.to_host, _program(graphdef, state, *args, top=top))
+        chosen, top_ids, values = _run(_token_program, model, {"ids": ids, "valid": valid}, top=top)
         for row, i in enumerate(group):
             n = len(sequences[i]) - 1
             results[i] = SequenceLogprobs(chosen[row, :n], top_ids[row, :n], values[row, :n])
-        start += len(group)
     return results
+
+
+def _max_length(model: Any, max_length: int | None) -> int:
+    context = model.config.max_position_embeddings
+    if max_length is None:
+        return context
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= context:
+        raise GenerationError(
+            f"max_length must be an integer in [1, {context}] (the model's context), got {max_length!r}"
+        )
+    return max_length
+
+
+# ---- continuations given contexts (lm-evaluation-harness) -----------------------------------
+@functools.partial(compilation.jit, static_argnames=("graphdef",))
+def _loglikelihood_program(graphdef, state, ids, valid, places, targets, scored):
+    """ids, valid (B, T) right-padded inputs; places (B, Q) the input indices whose next-token
+    distributions score targets (B, Q), where `scored`: (B,) summed log-probabilities, and
+    (B,) whether every scored target is its distribution's most likely token."""
+    model = nnx.merge(graphdef, state)
+    hidden = model.model(jnp.where(valid, ids, 0), valid, rows=places).last_hidden_state  # (B, Q, D)
+    logprobs = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)  # (B, Q, V)
+    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logprobs, axis=-1) == targets
+    return jnp.sum(jnp.where(scored, chosen, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+
+
+def loglikelihood(
+    model: Any,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    max_length: int | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> list[tuple[float, bool]]:
+    """For each (context, continuation) pair of token lists, in input order: the continuation's
+    summed log-probability given the context, and whether each of its tokens is the most
+    likely one at its place (greedy decoding would have produced it).
+
+    The model reads (context + continuation)[:-1]; a pair longer than `max_length` + 1 tokens
+    (default: the model's context) loses its context's first tokens, as lm-evaluation-harness
+    truncates. The context must hold at least one token (BOS, when there is nothing else), and
+    the continuation at least one and at most `max_length`."""
+    max_length = _max_length(model, max_length)
+    max_batch_tokens = integer(max_batch_tokens, "max_batch_tokens", 1, errors=ERRORS)
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+        raise GenerationTypeError(
+            f"requests must be a non-empty list of (context, continuation) pairs, got {describe(requests)}"
+        )
+    inputs, continuations = [], []
+    for i, pair in enumerate(requests):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise GenerationTypeError(
+                f"requests[{i}] must be a (context, continuation) pair of token lists, got {describe(pair)}"
+            )
+        ctx, cont = _token_lists(model, pair, f"requests[{i}]", fit=False)
+        if len(cont) > max_length:
+            raise GenerationError(
+                f"requests[{i}][1], the continuation, has {len(cont)} tokens; at most max_length={max_length} are scored"
+            )
+        inputs.append((ctx + cont)[-(max_length + 1) : -1])
+        continuations.append(cont)
+    ways = sharding.batch_ways(sharding.mesh_of(nnx.state(model)))
+    results: list[tuple[float, bool] | None] = [None] * len(inputs)
+    for group, width, batch in _batches([len(s) for s in inputs], max_batch_tokens, ways):
+        q = bucket(max(len(continuations[i]) for i in group), minimum=1, maximum=width)
+        ids = np.zeros((batch, width), np.int32)
+        valid = np.zeros((batch, width), bool)
+        places = np.zeros((batch, q), np.int32)
+        targets = np.zeros((batch, q), np.int32)
+        scored = np.zeros((batch, q), bool)
+        for row, i in enumerate(group):
+            n, k = len(inputs[i]), len(continuations[i])
+            ids[row, :n] = inputs[i]
+            valid[row, :n] = True
+            places[row, :k] = np.arange(n - k, n)  # the last k inputs predict the continuation
+            targets[row, :k] = continuations[i]
+            scored[row, :k] = True
+        arrays = {"ids": ids, "valid": valid, "places": places, "targets": targets, "scored": scored}
+        sums, greedy = _run(_loglikelihood_program, model, arrays)
+        for row, i in enumerate(group):
+            results[i] = (float(sums[row]), bool(greedy[row]))
+    return results
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """A document's (context, continuation) windows that together score every token once, each
+    read with as much of the text before it as fits in `max_length` tokens: the first window
+    predicts the first `max_length` tokens from `prefix_token` (BOS) on, and each next one the
+    following tokens, with the preceding text as context. lm-evaluation-harness's
+    `get_rolling_token_windows` with a context of 1, made disjoint."""
+    tokens = list(tokens)
+    windows, done = [], 0
+    while done < len(tokens):
+        end = min(len(tokens), done + max_length)
+        context = [prefix_token, *tokens[: end - 1]] if done == 0 else tokens[max(0, end - max_length - 1) : end - 1]
+        windows.append((context[: len(context) - (end - done - 1)], tokens[done:end]))
+        done = end
+    return windows
+
+
+def loglikelihood_rolling(
+    model: Any,
+    documents: Sequence[Sequence[int]],
+    prefix_token: int,
+    *,
+    max_length: int | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> list[float]:
+    """Each document's total log-probability (token lists, in input order): every token given
+    `prefix_token` (BOS) and the tokens before it, in `rolling_windows` of the model's context
+    (or `max_length`). An empty document scores 0."""
+    max_length = _max_length(model, max_length)
+    documents = _token_lists(model, documents, "documents", fit=False, empty=True)
+    prefix_token = integer(prefix_token, "prefix_token", 0, model.config.vocab_size, errors=ERRORS)
+    windows = [
+        (d, w) for d, document in enumerate(documents) for w in rolling_windows(document, prefix_token, max_length)
+    ]
+    scores = loglikelihood(model, [w for _, w in windows], max_length=max_length, max_batch_tokens=max_batch_tokens)
+    totals = [0.0] * len(documents)
+    for (d, _), (score, _) in zip(windows, scores, strict=True):
+        totals[d] += score
+    return totals

@@ -1,0 +1,115 @@
+"""`scoring.loglikelihood` and `scoring.loglikelihood_rolling` against transformers PyTorch on the
+same weights (float32): every (log-likelihood, is_greedy) pair, in batches of mixed lengths,
+with truncation; the rolling windows against lm-evaluation-harness's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ettin_jax import scoring
+from ettin_jax.generation import GenerationError
+
+TOLERANCE = 1e-4
+
+
+def reference_loglikelihood(reference, context, continuation, max_length) -> tuple[float, bool]:
+    """What lm-evaluation-harness's `hf` backend computes for one request."""
+    inputs = (context + continuation)[-(max_length + 1) :][:-1]
+    with torch.no_grad():
+        logits = reference(torch.tensor([inputs])).logits[0, -len(continuation) :]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(continuation)
+    chosen = logprobs.gather(1, target[:, None])[:, 0]
+    return float(chosen.sum()), bool((logprobs.argmax(-1) == target).all())
+
+
+def greedy_continuation(reference, context, n) -> list[int]:
+    tokens = list(context)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(reference(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(context) :]
+
+
+def test_pairs_match_transformers_in_mixed_batches(causal_pair):
+    reference, model = causal_pair
+    rng = np.random.default_rng(0)
+    vocab, context = model.config.vocab_size, model.config.max_position_embeddings
+    requests = []
+    for ctx_len, cont_len in [(1, 1), (3, 5), (17, 2), (40, 1), (9, 30), (120, 20), (2, 127), (64, 64)]:
+        ctx, cont = rng.integers(3, vocab, ctx_len).tolist(), rng.integers(3, vocab, cont_len).tolist()
+        requests.append((ctx, cont))
+    # Greedy continuations, one of them past the context's end (truncated from the left).
+    for ctx_len in (5, 121):
+        ctx = rng.integers(3, vocab, ctx_len).tolist()
+        requests.append((ctx, greedy_continuation(reference, ctx[-context:], 6)))
+    expected = [reference_loglikelihood(reference, c, k, context) for c, k in requests]
+    got = scoring.loglikelihood(model, requests, max_batch_tokens=256)  # several batches
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert sum(g for _, g in got) >= 2  # both greedy requests, whatever the random ones do
+    np.testing.assert_allclose([s for s, _ in got], [s for s, _ in expected], atol=TOLERANCE, rtol=0)
+    # A smaller max_length truncates contexts further, as the harness's max_length does.
+    short = scoring.loglikelihood(model, requests[:3], max_length=8)
+    np.testing.assert_allclose(
+        [s for s, _ in short], [reference_loglikelihood(reference, c, k, 8)[0] for c, k in requests[:3]],
+        atol=TOLERANCE, rtol=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("length", [1, 5, 8, 9, 16, 17, 25])
+@pytest.mark.parametrize("max_length", [1, 2, 8])
+def test_rolling_windows_are_lm_evals(length, max_length):
+    from lm_eval import utils
+
+    tokens = list(range(100, 100 + length))
+    expected = [
+        utils.make_disjoint_window(w)
+        for w in utils.get_rolling_token_windows(tokens, prefix_token=7, max_seq_len=max_length, context_len=1)
+    ]
+    assert scoring.rolling_windows(tokens, 7, max_length) == [tuple(map(list, w)) for w in expected]
+
+
+def test_rolling_loglikelihood_is_every_token_given_the_text_before_it(causal_pair):
+    reference, model = causal_pair
+    rng = np.random.default_rng(1)
+    documents = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (300, 5, 0)]
+    got = scoring.loglikelihood_rolling(model, documents, prefix_token=1, max_length=64)
+    for document, total in zip(documents, got, strict=True):
+        windows = scoring.rolling_windows(document, 1, 64)
+        expected = sum(reference_loglikelihood(reference, c, k, 64)[0] for c, k in windows)
+        assert total == pytest.approx(expected, abs=TOLERANCE * len(windows))
+    assert got[2] == 0.0  # an empty document has no token to score
+    # One window over a short document: each token given BOS and the tokens before it.
+    with torch.no_grad():
+        logits = reference(torch.tensor([[1, *documents[1][:-1]]])).logits[0]
+    chosen = torch.log_softmax(logits, -1).gather(1, torch.tensor(documents[1])[:, None])
+    assert got[1] == pytest.approx(float(chosen.sum()), abs=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("requests", "kwargs", "message"),
+    [
+        ([([1, 2], [])], {}, r"requests\[0\]\[1\] is empty"),
+        ([([], [3])], {}, r"requests\[0\]\[0\] is empty"),
+        ([([1, 2], [3, 999])], {}, r"requests\[0\]\[1\]\[1\] is 999, outside the vocabulary"),
+        ([([1.0], [3])], {}, r"requests\[0\]\[0\]\[0\] must be an integer token id"),
+        ([([1], [3], [4])], {}, r"requests\[0\] must be a \(context, continuation\) pair"),
+        ([], {}, "requests must be a non-empty list"),
+        ([([1], [3] * 9)], {"max_length": 8}, r"continuation, has 9 tokens; at most max_length=8"),
+        ([([1], [3])], {"max_length": 0}, "max_length"),
+        ([([1], [3])], {"max_batch_tokens": 0}, "max_batch_tokens"),
+    ],
+)
+def test_bad_requests_are_named(causal_pair, requests, kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        scoring.loglikelihood(causal_pair[1], requests, **kwargs)
+
+
+def test_bad_rolling_arguments_are_named(causal_pair):
+    model = causal_pair[1]
+    with pytest.raises(GenerationError, match="prefix_token"):
+        scoring.loglikelihood_rolling(model, [[3, 4]], prefix_token=model.config.vocab_size)
+    with pytest.raises(GenerationError, match=r"documents\[1\]\[0\] is -1"):
+        scoring.loglikelihood_rolling(model, [[3], [-1]], prefix_token=1)
