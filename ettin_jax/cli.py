@@ -1,5 +1,5 @@
-"""The `ettin-jax` command line: `convert`, `generate`, `run`, `serve` and `train classify|lm`. Nothing
-imports this module; it imports the rest."""
+"""The `ettin-jax` command line: `convert`, `generate`, `run`, `serve`, `eval`, `perplexity` and
+`train classify|lm`. Nothing imports this module; it imports the rest."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 import ettin_jax.train
-from ettin_jax import compile_cache, distributed, files, jobs, modeling, server, sharding
+from ettin_jax import compile_cache, distributed, evaluation, files, jobs, modeling, server, sharding
 from ettin_jax.convert import architecture, checkpoint_format, load_pretrained, resolve, save_pretrained
 from ettin_jax.errors import EttinError
 from ettin_jax.pipelines import pipeline
@@ -256,7 +256,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
         kwargs["allow_nonfinite"] = True
     if args.quantize:
         kwargs["quantization"] = args.quantize
-    if args.kv_cache_dtype:
+    if getattr(args, "kv_cache_dtype", None):
         kwargs["kv_cache_dtype"] = args.kv_cache_dtype
     return kwargs
 
@@ -365,6 +365,87 @@ def _serve(args: argparse.Namespace) -> int:
         generator, config, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         max_batch_size=args.max_batch_size, max_length=args.max_length,
     )  # fmt: skip
+    return 0
+
+
+# ---- eval and perplexity ------------------------------------------------------------------
+def _check_eval(args: argparse.Namespace) -> None:
+    _at_least(args, 0, "num_fewshot")
+    _at_least(args, 1, "batch_size", "max_length", "max_gen_toks")
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise CommandError(f"--limit must be > 0 (a count, or a fraction below 1), got {args.limit}")
+    args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.task_list:
+        raise CommandError(f"--tasks names no task: {args.tasks!r}")
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise CommandError(f"--include-path {args.include_path}: not a directory")
+    if args.log_samples and not args.output_path:
+        raise CommandError("--log-samples needs --output-path")
+    if args.output_path:
+        if os.path.exists(args.output_path):
+            raise CommandError(f"--output-path {args.output_path} exists; ettin-jax never overwrites a result")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output_path))):
+            raise CommandError(f"--output-path {args.output_path}: its directory does not exist")
+
+
+def _samples_path(output_path: str, task: str) -> str:
+    """Where --log-samples writes a task's samples: beside the results, as lm-eval names them."""
+    stem = output_path[: -len(".json")] if output_path.endswith(".json") else output_path
+    return f"{stem}_samples_{task}.jsonl"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import handle_non_serializable, make_table
+
+        from ettin_jax import harness
+    except ImportError as e:
+        raise CommandError(f'ettin-jax eval needs lm-evaluation-harness: pip install "ettin-jax[eval]" ({e})') from None
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in args.task_list if not manager.match_tasks([t])]
+    if unknown:
+        where = f" or in --include-path {args.include_path}" if args.include_path else " (--include-path adds yours)"
+        raise CommandError(f"--tasks: no task {', '.join(map(repr, unknown))} in lm-eval{where}")
+    model = harness.EttinLM(
+        args.model, batch_size=args.batch_size, max_length=args.max_length, max_gen_toks=args.max_gen_toks,
+        add_bos_token=True if args.add_bos_token else None, **_model_kwargs(args),
+    )  # fmt: skip
+    results = lm_eval.simple_evaluate(
+        model=model, tasks=args.task_list, num_fewshot=args.num_fewshot, limit=args.limit,
+        log_samples=args.log_samples, task_manager=manager, random_seed=args.seed, numpy_random_seed=args.seed,
+        torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+    )  # fmt: skip
+    if results is None:  # not the first process
+        return 0
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    if args.output_path:
+        samples = results.pop("samples", {})
+        # What lm-eval writes: its results, made JSON by its own rules (dtypes, functions).
+        files.write_json(args.output_path, json.loads(json.dumps(results, default=handle_non_serializable)))
+        for task, records in samples.items():
+            path = _samples_path(args.output_path, task)
+            files.write_jsonl(path, json.loads(json.dumps(records, default=handle_non_serializable)))
+        print(f"wrote {args.output_path}" + (f" and {len(samples)} samples files" if samples else ""), file=sys.stderr)
+    return 0
+
+
+def _check_perplexity(args: argparse.Namespace) -> None:
+    _at_least(args, 1, "batch_size", "max_length")
+    args.texts = evaluation.read_texts(args.file, args.text_column)  # a bad file fails before the model loads
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    if not hasattr(args, "texts"):
+        _check_perplexity(args)
+    generator = pipeline("text-generation", model=args.model, **_model_kwargs(args))
+    result = evaluation.perplexity(
+        generator.model, generator.tokenizer, args.texts, max_length=args.max_length, batch_size=args.batch_size
+    )
+    print(json.dumps(result.as_dict()))
     return 0
 
 
@@ -576,9 +657,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nonfinite_flag(serve)
     serve.set_defaults(run=_serve, check=_check_serve)
 
+    _add_eval(commands, model_help)
     _add_train(commands)
     _add_compilation_cache_flag(parser)
     return parser
+
+
+def _add_eval(commands: typing.Any, model_help: str) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="lm-evaluation-harness tasks",
+        description="Run lm-evaluation-harness tasks on a causal LM (ettin_jax.harness.EttinLM, which scores as "
+        "lm-eval's hf backend does) and print its table.",
+    )
+    evaluate.add_argument("--model", help=model_help)
+    evaluate.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
+    evaluate.add_argument("--include-path", metavar="DIR", help="a directory of your own task YAMLs")
+    evaluate.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: the task's)")
+    evaluate.add_argument("--limit", type=float, help="documents per task: a count, or a fraction below 1")
+    evaluate.add_argument(
+        "--batch-size", type=int, help="requests per forward pass (default: as many as 4096 tokens hold)"
+    )
+    evaluate.add_argument("--max-length", type=int, help="most tokens a request reads (default: the model's context)")
+    evaluate.add_argument("--max-gen-toks", type=int, default=256, help="generate_until's default token budget")
+    evaluate.add_argument(
+        "--add-bos-token",
+        action="store_true",
+        help="encode with the tokenizer's special tokens, as the Ettin paper did",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
+    evaluate.add_argument(
+        "--output-path", metavar="FILE", help="lm-eval's results JSON, written here (never over a file)"
+    )
+    evaluate.add_argument(
+        "--log-samples", action="store_true", help="also write each task's samples, FILE_samples_TASK.jsonl"
+    )
+    evaluate.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_quantization_flags(evaluate, kv=False)
+    _add_nonfinite_flag(evaluate)
+    evaluate.set_defaults(run=_eval, check=_check_eval)
+
+    ppl = commands.add_parser(
+        "perplexity",
+        help="the perplexity of a text file",
+        description="Score a text (.txt: the whole file; .jsonl: each line's text field) from BOS, in windows of the "
+        "model's context, and print token and word perplexity and bits per byte as JSON.",
+    )
+    ppl.add_argument("--model", help=model_help)
+    ppl.add_argument("--file", required=True, help=".txt or .jsonl")
+    ppl.add_argument("--text-column", default="text", help="the field of a .jsonl line that holds its text")
+    ppl.add_argument("--max-length", type=int, help="the window, in tokens (default: the model's context)")
+    ppl.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as 4096 tokens hold)")
+    ppl.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_quantization_flags(ppl, kv=False)
+    _add_nonfinite_flag(ppl)
+    ppl.set_defaults(run=_perplexity, check=_check_perplexity)
 
 
 def _add_quantization_flags(parser: argparse.ArgumentParser, kv: bool = True) -> None:

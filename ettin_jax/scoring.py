@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ettin_jax import compilation, sharding
+from ettin_jax.cache import Cache
 from ettin_jax.generation import ERRORS, GenerationError, GenerationTypeError
 from ettin_jax.inputs import describe, integer, token_list
 from ettin_jax.padding import bucket
@@ -47,15 +48,17 @@ class SequenceLogprobs:
     top_values: np.ndarray  # (T-1, top) float32
 
 
-def _batches(lengths: Sequence[int], max_batch_tokens: int, ways: int) -> Iterator[tuple[list[int], int, int]]:
+def _batches(
+    lengths: Sequence[int], max_batch_tokens: int, ways: int, batch_size: int | None = None
+) -> Iterator[tuple[list[int], int, int]]:
     """Groups of input indices, shortest first, with their bucketed width and batch rows (a
-    power of two, then whole rows for each of the mesh's `ways` batch shards): at most
-    `max_batch_tokens` tokens a batch (one row whatever its length)."""
+    power of two, then whole rows for each of the mesh's `ways` batch shards): `batch_size`
+    rows a batch if given, else as many as `max_batch_tokens` tokens hold (at least one)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     start = 0
     while start < len(order):
         width = bucket(lengths[order[start]])
-        rows = max(1, max_batch_tokens // width)
+        rows = batch_size or max(1, max_batch_tokens // width)
         group = [i for i in order[start : start + rows] if lengths[i] <= width] or [order[start]]
         width = bucket(max(lengths[i] for i in group))
         yield group, width, -(-bucket(len(group), 1) // ways) * ways
@@ -141,16 +144,66 @@ def _max_length(model: Any, max_length: int | None) -> int:
 
 # ---- continuations given contexts (lm-evaluation-harness) -----------------------------------
 @functools.partial(compilation.jit, static_argnames=("graphdef",))
-def _loglikelihood_program(graphdef, state, ids, valid, places, targets, scored):
-    """ids, valid (B, T) right-padded inputs; places (B, Q) the input indices whose next-token
-    distributions score targets (B, Q), where `scored`: (B,) summed log-probabilities, and
-    (B,) whether every scored target is its distribution's most likely token."""
+def _loglikelihood_program(
+    graphdef, state, contexts, context_valid, tails, tail_valid, parents, picks, targets, owners
+):
+    """One batch of requests that share their contexts.
+
+    contexts, context_valid (C, S): the distinct contexts, left-padded. tails, tail_valid
+    (R, T): each request's continuation without its last token, right-padded, read after its
+    context's row `parents` (R,) from that row's KV cache, so that a context shared by several
+    continuations (a multiple-choice question's) is read once. The states that predict the
+    scored tokens are the contexts' last ones (each continuation's first token) and the tails'
+    (the rest): picks (P,) indexes them, [C context ends; R * T tail places], for each scored
+    token, targets (P,) the token, owners (P,) its request (R: padding). The vocabulary
+    projection, most of a small model's work, runs on those P states alone.
+
+    Returns each request's (R,) summed log-probability and (R,) whether every target is its
+    distribution's most likely token."""
     model = nnx.merge(graphdef, state)
-    hidden = model.model(jnp.where(valid, ids, 0), valid, rows=places).last_hidden_state  # (B, Q, D)
-    logprobs = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)  # (B, Q, V)
-    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logprobs, axis=-1) == targets
-    return jnp.sum(jnp.where(scored, chosen, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
+    count, width = contexts.shape
+    positions = jnp.where(context_valid, jnp.cumsum(context_valid, axis=-1) - 1, 0).astype(jnp.int32)
+    out = model.model(
+        jnp.where(context_valid, contexts, 0), context_valid, positions, use_cache=True,
+        rows=jnp.full((count, 1), width - 1, jnp.int32),  # the last layer's queries: the last token's only
+    )  # fmt: skip
+    ends = out.last_hidden_state[:, 0]  # (C, D)
+    cache = out.past_key_values
+    cache = Cache(
+        tuple(c.map_kv(lambda a: a[parents]).replace(index=c.index[parents]) for c in cache.layers), cache.length
+    )
+    tail_positions = positions[parents, -1:] + 1 + jnp.arange(tails.shape[1])  # (R, T)
+    hidden = model.model(jnp.where(tail_valid, tails, 0), tail_valid, tail_positions, past_key_values=cache)
+    states = jnp.concatenate([ends, hidden.last_hidden_state.reshape(-1, ends.shape[-1])])[picks]  # (P, D)
+    logprobs = jax.nn.log_softmax(model.logits(states[None])[0].astype(jnp.float32), axis=-1)  # (P, V)
+    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    missed = (jnp.argmax(logprobs, axis=-1) != targets).astype(jnp.int32)
+    requests = tails.shape[0]  # padding's owner, R, has a segment of its own, dropped
+    sums = jax.ops.segment_sum(chosen, owners, num_segments=requests + 1)[:requests]
+    return sums, jax.ops.segment_sum(missed, owners, num_segments=requests + 1)[:requests] == 0
+
+
+def _context_batches(
+    contexts: list[list[int]], tails: list[list[int]], max_batch_tokens: int, batch_size: int | None
+) -> Iterator[list[int]]:
+    """Groups of context indices, shortest first: as many as keep the batch's tokens (each
+    context's bucketed width, and each of its requests' tail over the context's width plus its
+    own) within `max_batch_tokens`, or its requests within `batch_size`. At least one each."""
+    order = sorted(range(len(contexts)), key=lambda c: len(contexts[c]))
+    group: list[int] = []
+    requests = width = tail = 0
+    for c in order:
+        more = requests + len(tails[c])
+        wider, longer = max(width, len(contexts[c])), max([tail, *map(len, tails[c])])
+        s, t = bucket(wider), bucket(longer, minimum=1)
+        cost = bucket(len(group) + 1, 1) * s + bucket(more, 1) * (s + t)
+        if group and (more > batch_size if batch_size else cost > max_batch_tokens):
+            yield group
+            group, more, wider, longer = [], len(tails[c]), len(contexts[c]), max(map(len, tails[c]))
+        group.append(c)
+        requests, width, tail = more, wider, longer
+    if group:
+        yield group
 
 
 def loglikelihood(
@@ -159,6 +212,7 @@ def loglikelihood(
     *,
     max_length: int | None = None,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_size: int | None = None,
 ) -> list[tuple[float, bool]]:
     """For each (context, continuation) pair of token lists, in input order: the continuation's
     summed log-probability given the context, and whether each of its tokens is the most
@@ -167,14 +221,21 @@ def loglikelihood(
     The model reads (context + continuation)[:-1]; a pair longer than `max_length` + 1 tokens
     (default: the model's context) loses its context's first tokens, as lm-evaluation-harness
     truncates. The context must hold at least one token (BOS, when there is nothing else), and
-    the continuation at least one and at most `max_length`."""
+    the continuation at least one and at most `max_length`. Requests with the same context (a
+    multiple-choice question's choices) read it once. A batch holds about `max_batch_tokens`
+    tokens, or `batch_size` requests if given."""
     max_length = _max_length(model, max_length)
     max_batch_tokens = integer(max_batch_tokens, "max_batch_tokens", 1, errors=ERRORS)
+    if batch_size is not None:
+        batch_size = integer(batch_size, "batch_size", 1, errors=ERRORS)
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
         raise GenerationTypeError(
             f"requests must be a non-empty list of (context, continuation) pairs, got {describe(requests)}"
         )
-    inputs, continuations = [], []
+    # Each request as (the context it is read after, truncated; its continuation), the
+    # requests grouped by that context.
+    contexts: dict[tuple[int, ...], list[int]] = {}
+    continuations = []
     for i, pair in enumerate(requests):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise GenerationTypeError(
@@ -185,28 +246,43 @@ def loglikelihood(
             raise GenerationError(
                 f"requests[{i}][1], the continuation, has {len(cont)} tokens; at most max_length={max_length} are scored"
             )
-        inputs.append((ctx + cont)[-(max_length + 1) : -1])
+        contexts.setdefault(tuple((ctx + cont)[-(max_length + 1) : -len(cont)]), []).append(i)
         continuations.append(cont)
+    keys = list(contexts)
+    members = [contexts[k] for k in keys]
+    tails = [[continuations[i][:-1] for i in m] for m in members]
     ways = sharding.batch_ways(sharding.mesh_of(nnx.state(model)))
-    results: list[tuple[float, bool] | None] = [None] * len(inputs)
-    for group, width, batch in _batches([len(s) for s in inputs], max_batch_tokens, ways):
-        q = bucket(max(len(continuations[i]) for i in group), minimum=1, maximum=width)
-        ids = np.zeros((batch, width), np.int32)
-        valid = np.zeros((batch, width), bool)
-        places = np.zeros((batch, q), np.int32)
-        targets = np.zeros((batch, q), np.int32)
-        scored = np.zeros((batch, q), bool)
-        for row, i in enumerate(group):
-            n, k = len(inputs[i]), len(continuations[i])
-            ids[row, :n] = inputs[i]
-            valid[row, :n] = True
-            places[row, :k] = np.arange(n - k, n)  # the last k inputs predict the continuation
-            targets[row, :k] = continuations[i]
-            scored[row, :k] = True
-        arrays = {"ids": ids, "valid": valid, "places": places, "targets": targets, "scored": scored}
+    fill = lambda n: -(-bucket(n, 1) // ways) * ways  # noqa: E731  rows: a power of two, whole shards
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    for group in _context_batches([list(k) for k in keys], tails, max_batch_tokens, batch_size):
+        batch = [i for c in group for i in members[c]]
+        width = bucket(max(len(keys[c]) for c in group))
+        tail = bucket(max(len(continuations[i]) - 1 for i in batch), minimum=1)
+        rows, count, scored = fill(len(batch)), fill(len(group)), bucket(sum(len(continuations[i]) for i in batch))
+        arrays = {
+            "contexts": np.zeros((count, width), np.int32), "context_valid": np.zeros((count, width), bool),
+            "tails": np.zeros((rows, tail), np.int32), "tail_valid": np.zeros((rows, tail), bool),
+            "parents": np.zeros(rows, np.int32), "picks": np.zeros(scored, np.int32),
+            "targets": np.zeros(scored, np.int32), "owners": np.full(scored, rows, np.int32),
+        }  # fmt: skip
+        row = at = 0
+        for parent, c in enumerate(group):
+            arrays["contexts"][parent, width - len(keys[c]) :] = keys[c]
+            arrays["context_valid"][parent, width - len(keys[c]) :] = True
+            for i in members[c]:
+                cont = continuations[i]
+                k = len(cont)
+                arrays["tails"][row, : k - 1] = cont[:-1]
+                arrays["tail_valid"][row, : k - 1] = True
+                arrays["parents"][row] = parent
+                # The first token is predicted by the context's end, the others by the tail.
+                arrays["picks"][at : at + k] = [parent, *(count + row * tail + np.arange(k - 1))]
+                arrays["targets"][at : at + k] = cont
+                arrays["owners"][at : at + k] = row
+                row, at = row + 1, at + k
         sums, greedy = _run(_loglikelihood_program, model, arrays)
-        for row, i in enumerate(group):
-            results[i] = (float(sums[row]), bool(greedy[row]))
+        for r, i in enumerate(batch):
+            results[i] = (float(sums[r]), bool(greedy[r]))
     return results
 
 
@@ -233,6 +309,7 @@ def loglikelihood_rolling(
     *,
     max_length: int | None = None,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_size: int | None = None,
 ) -> list[float]:
     """Each document's total log-probability (token lists, in input order): every token given
     `prefix_token` (BOS) and the tokens before it, in `rolling_windows` of the model's context
@@ -243,7 +320,9 @@ def loglikelihood_rolling(
     windows = [
         (d, w) for d, document in enumerate(documents) for w in rolling_windows(document, prefix_token, max_length)
     ]
-    scores = loglikelihood(model, [w for _, w in windows], max_length=max_length, max_batch_tokens=max_batch_tokens)
+    scores = loglikelihood(
+        model, [w for _, w in windows], max_length=max_length, max_batch_tokens=max_batch_tokens, batch_size=batch_size
+    )
     totals = [0.0] * len(documents)
     for (d, _), (score, _) in zip(windows, scores, strict=True):
         totals[d] += score

@@ -1,7 +1,11 @@
-"""lm-evaluation-harness against `ettin-jax serve`: its `local-completions` backend, sending token ids
-to our OpenAI-compatible /v1/completions, scores a small multiple-choice task (tests/lm_eval_tasks)
-exactly as its `hf` backend scores it on the same transformers checkpoint: every (log-likelihood,
-is_greedy) pair within 1e-4, and the same accuracy.
+"""lm-evaluation-harness on ettin-jax, against its own `hf` backend on the same transformers
+checkpoint, in float32, on local tasks of each kind (tests/lm_eval_tasks):
+- `ettin-jax eval` (our `EttinLM`, on the checkpoint converted to ettin-jax's format): a
+  multiple-choice task, a rolling-perplexity task and a `generate_until` task with stop strings.
+  Every per-sample log-likelihood within 1e-4, `is_greedy` identical, the same accuracy, the
+  same greedy generations.
+- `ettin-jax serve` through the harness's `local-completions` backend, sending token ids to our
+  OpenAI-compatible /v1/completions: the multiple-choice task's pairs and accuracy.
 
 For a log-likelihood lm-eval posts {"prompt": [[ids...], ...], "echo": true, "max_tokens": 1,
 "logprobs": 1, "temperature": 0} and reads, per choice, `logprobs.token_logprobs[ctxlen:-1]` (the
@@ -32,6 +36,7 @@ pytest.importorskip("lm_eval")
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 TASK = "ettin_tiny_qa"
+TEXT_TASK, UNTIL_TASK = "ettin_tiny_text", "ettin_tiny_until"
 HEALTH_DEADLINE_S = 120
 TOLERANCE = 1e-4
 
@@ -67,38 +72,49 @@ def checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tasks_dir(tmp_path) -> str:
-    """The task's YAML with the data file's absolute path (lm-eval resolves it against the working
-    directory) and a datasets cache in tmp_path, not in the home directory."""
+    """The tasks' YAMLs with their data files' absolute paths (lm-eval resolves them against the
+    working directory) and a datasets cache in tmp_path, not in the home directory."""
     import yaml
 
-    config = yaml.safe_load((TASKS / "tiny_qa.yaml").read_text())
-    kwargs = config["dataset_kwargs"]
-    kwargs["data_files"] = {split: str(TASKS / name) for split, name in kwargs["data_files"].items()}
-    kwargs["cache_dir"] = str(tmp_path / "datasets")
     directory = tmp_path / "tasks"
     directory.mkdir()
-    (directory / "tiny_qa.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for path in TASKS.glob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        kwargs = config["dataset_kwargs"]
+        kwargs["data_files"] = {split: str(TASKS / name) for split, name in kwargs["data_files"].items()}
+        kwargs["cache_dir"] = str(tmp_path / "datasets")
+        (directory / path.name).write_text(yaml.safe_dump(config, sort_keys=False))
     return str(directory)
 
 
-def evaluate(model: str, model_args: dict, tasks_dir: str) -> tuple[float, list[list[tuple[float, bool]]]]:
-    """lm-eval's accuracy on the task and, per document, the (log-likelihood, is_greedy) of each choice."""
+def run_harness(model: str, model_args: dict, tasks_dir: str, tasks: list[str]) -> dict:
+    """lm-eval's results, with the samples of each task sorted by document."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     out = simple_evaluate(
         model=model,
         model_args=model_args,
-        tasks=[TASK],
+        tasks=tasks,
         task_manager=TaskManager(include_path=tasks_dir, include_defaults=False),
         batch_size=8,
         device="cpu",
         log_samples=True,
         bootstrap_iters=0,
     )
-    samples = sorted(out["samples"][TASK], key=lambda sample: sample["doc_id"])
-    scores = [[(float(ll), bool(greedy)) for ll, greedy in sample["filtered_resps"]] for sample in samples]
-    return out["results"][TASK]["acc,none"], scores
+    out["samples"] = {task: sorted(samples, key=lambda s: s["doc_id"]) for task, samples in out["samples"].items()}
+    return out
+
+
+def choice_scores(samples: list[dict]) -> list[list[tuple[float, bool]]]:
+    """Per document, the (log-likelihood, is_greedy) of each choice."""
+    return [[(float(ll), bool(greedy)) for ll, greedy in sample["filtered_resps"]] for sample in samples]
+
+
+def evaluate(model: str, model_args: dict, tasks_dir: str) -> tuple[float, list[list[tuple[float, bool]]]]:
+    """lm-eval's accuracy on the multiple-choice task and, per document, each choice's pair."""
+    out = run_harness(model, model_args, tasks_dir, [TASK])
+    return out["results"][TASK]["acc,none"], choice_scores(out["samples"][TASK])
 
 
 def free_port() -> int:
@@ -171,3 +187,54 @@ def test_local_completions_matches_hf(checkpoint, tasks_dir, tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
     assert [[g for _, g in choices] for choices in served] == [[g for _, g in choices] for choices in reference]
     assert acc == reference_acc
+
+
+def test_ettin_jax_eval_matches_hf_on_every_kind_of_task(checkpoint, tasks_dir, tmp_path):
+    import json
+
+    import ettin_jax as ej
+    from ettin_jax import cli
+
+    tasks = [TASK, TEXT_TASK, UNTIL_TASK]
+    reference = run_harness(
+        "hf", {"pretrained": checkpoint, "dtype": "float32", "add_bos_token": True}, tasks_dir, tasks
+    )
+    converted = tmp_path / "converted"  # ettin-jax's own format, with the tokenizer beside it
+    ej.ModernBertDecoderForCausalLM.from_pretrained(checkpoint).save_pretrained(converted, format="flax")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(checkpoint) / name).exists():
+            (converted / name).write_bytes((Path(checkpoint) / name).read_bytes())
+    output = tmp_path / "results.json"
+    status = cli.main([
+        "eval", "--model", str(converted), "--tasks", ",".join(tasks), "--include-path", tasks_dir,
+        "--batch-size", "8", "--add-bos-token", "--output-path", str(output), "--log-samples",
+    ])  # fmt: skip
+    assert status == 0
+    ours = json.loads(output.read_text())
+    samples = {
+        task: sorted(
+            (json.loads(line) for line in (tmp_path / f"results_samples_{task}.jsonl").read_text().splitlines()),
+            key=lambda s: s["doc_id"],
+        )
+        for task in tasks
+    }
+
+    # Multiple choice: every pair, and the accuracy.
+    got, want = choice_scores(samples[TASK]), choice_scores(reference["samples"][TASK])
+    assert [len(c) for c in got] == [len(c) for c in want] == [4, 3, 4, 3, 4, 2, 4, 3, 3, 3, 3]
+    np.testing.assert_allclose([ll for c in got for ll, _ in c], [ll for c in want for ll, _ in c], atol=TOLERANCE)
+    assert [[g for _, g in c] for c in got] == [[g for _, g in c] for c in want]
+    assert any(g for c in got for _, g in c)
+    assert ours["results"][TASK]["acc,none"] == reference["results"][TASK]["acc,none"]
+
+    # Rolling perplexity: each document's log-likelihood (the long one over several windows).
+    got, want = ([s["filtered_resps"][0] for s in x] for x in (samples[TEXT_TASK], reference["samples"][TEXT_TASK]))
+    assert len(got) == len(want) == 5
+    np.testing.assert_allclose(got, want, atol=TOLERANCE * 4, rtol=0)
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"][TEXT_TASK][metric] == pytest.approx(reference["results"][TEXT_TASK][metric], rel=1e-4)
+
+    # generate_until: the same greedy texts, each cut before its first stop string.
+    got, want = ([s["filtered_resps"][0] for s in x] for x in (samples[UNTIL_TASK], reference["samples"][UNTIL_TASK]))
+    assert got == want
+    assert any(got) and all("o" not in text and len(text) < 24 for text in got)

@@ -58,6 +58,25 @@ def test_pairs_match_transformers_in_mixed_batches(causal_pair):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("batching", [{}, {"batch_size": 1}, {"batch_size": 5}, {"max_batch_tokens": 64}])
+def test_choices_that_share_a_context_read_it_once_and_score_alike(causal_pair, batching):
+    """Multiple-choice requests: each question's choices (1 to 12 tokens) share its context,
+    which is read once and its KV cache shared; the pairs are those of separate passes."""
+    reference, model = causal_pair
+    rng = np.random.default_rng(2)
+    requests = []
+    for ctx_len in (1, 7, 30, 100):
+        ctx = rng.integers(3, model.config.vocab_size, ctx_len).tolist()
+        requests += [(ctx, rng.integers(3, model.config.vocab_size, n).tolist()) for n in (1, 3, 12, 2)]
+    requests.append((requests[4][0], greedy_continuation(reference, requests[4][0], 4)))
+    rng.shuffle(requests)
+    got = scoring.loglikelihood(model, requests, **batching)
+    expected = [reference_loglikelihood(reference, c, k, model.config.max_position_embeddings) for c, k in requests]
+    np.testing.assert_allclose([s for s, _ in got], [s for s, _ in expected], atol=TOLERANCE, rtol=0)
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert any(g for _, g in got)
+
+
 @pytest.mark.parametrize("length", [1, 5, 8, 9, 16, 17, 25])
 @pytest.mark.parametrize("max_length", [1, 2, 8])
 def test_rolling_windows_are_lm_evals(length, max_length):
