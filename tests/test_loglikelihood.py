@@ -132,3 +132,35 @@ def test_bad_rolling_arguments_are_named(causal_pair):
         scoring.loglikelihood_rolling(model, [[3, 4]], prefix_token=model.config.vocab_size)
     with pytest.raises(GenerationError, match=r"documents\[1\]\[0\] is -1"):
         scoring.loglikelihood_rolling(model, [[3], [-1]], prefix_token=1)
+
+
+def test_perplexity_command_scores_each_text_from_bos(tmp_path, capsys):
+    import json
+    import math
+
+    from helpers import torch_model
+
+    from ettin_jax import cli, default_model
+
+    tokenizer = default_model.byte_tokenizer()  # every byte a token
+    bos = tokenizer.convert_tokens_to_ids("[CLS]")
+    reference = torch_model("causal", 3, vocab_size=264, bos_token_id=bos, cls_token_id=bos, max_position_embeddings=64)
+    reference.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    texts = ["Short text.", "A longer text, of more bytes than the context holds: " * 3, "   "]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    capsys.readouterr()
+    assert cli.main(["perplexity", "--model", str(tmp_path / "model"), "--file", str(tmp_path / "texts.jsonl")]) == 0
+    got = json.loads(capsys.readouterr().out)
+
+    scored = texts[:2]  # a blank text is skipped
+    documents = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in scored]
+    windows = [w for d in documents for w in scoring.rolling_windows(d, bos, 64)]
+    assert len(windows) == 1 + 3  # 11 tokens in one window, 159 in three
+    total = sum(reference_loglikelihood(reference, c, k, 64)[0] for c, k in windows)
+    assert got["texts"] == 2 and got["tokens"] == sum(map(len, documents)) == 11 + 159
+    assert got["words"] == sum(len(t.split()) for t in scored) and got["bytes"] == 11 + 159
+    assert got["loglikelihood"] == pytest.approx(total, abs=1e-3)
+    assert got["token_perplexity"] == pytest.approx(math.exp(-total / got["tokens"]), rel=1e-5)
+    assert got["word_perplexity"] == pytest.approx(math.exp(-total / got["words"]), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(-total / got["bytes"] / math.log(2), rel=1e-5)

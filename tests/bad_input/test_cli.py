@@ -279,3 +279,45 @@ def test_the_checks_need_no_model_and_load_none(work, capsys):
     assert cli.main([*GENERATE, "--input-file", "p.jsonl", "--output-file", "o.jsonl"]) == 1
     assert "a model was loaded before the arguments were checked" in capsys.readouterr().err
     assert json.loads((work / "p.jsonl").read_text().splitlines()[0]) == {"prompt": "one"}
+
+
+# ---- eval and perplexity --------------------------------------------------------------------
+# fmt: off
+EVAL_CASES = {
+    "no_task": ("eval --tasks ,", None, "--tasks names no task: ','"),
+    "samples_without_output": ("eval --tasks t --log-samples", None, "--log-samples needs --output-path"),
+    "output_exists": ("eval --tasks t --output-path p.txt", None, "--output-path p.txt exists; ettin-jax never overwrites"),
+    "output_dir_missing": ("eval --tasks t --output-path nowhere/r.json", None, "its directory does not exist"),
+    "include_path_missing": ("eval --tasks t --include-path absent", None, "--include-path absent: not a directory"),
+    "batch_size_zero": ("eval --tasks t --batch-size 0", None, "--batch-size must be >= 1, got 0"),
+    "limit_zero": ("eval --tasks t --limit 0", None, "--limit must be > 0"),
+    "limit_nan": ("eval --tasks t --limit nan", None, "--limit must be > 0"),
+    "fewshot_negative": ("eval --tasks t --num-fewshot -1", None, "--num-fewshot must be >= 0, got -1"),
+    "unknown_task": ("eval --tasks no_such_task --include-path dir", None, "--tasks: no task 'no_such_task' in lm-eval or in --include-path dir"),
+    "ppl_file_missing": ("perplexity --file absent.txt", None, "absent.txt: No such file or directory"),
+    "ppl_binary": ("perplexity --file bin.txt", _write("bin.txt", b"fine\n\xff\xfe\n"), "bin.txt:2: not UTF-8"),
+    "ppl_not_json": ("perplexity --file j.jsonl", _write("j.jsonl", b'{"text": "a"}\n{oops\n'), "j.jsonl:2: not JSON"),
+    "ppl_no_field": ("perplexity --file j.jsonl", _write("j.jsonl", b'{"txt": "a"}\n'), 'j.jsonl:1: expected an object with a string "text" field'),
+    "ppl_other_field": ("perplexity --file p.jsonl --text-column body", None, 'p.jsonl:1: expected an object with a string "body" field'),
+    "ppl_batch_size_zero": ("perplexity --file p.txt --batch-size 0", None, "--batch-size must be >= 1, got 0"),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize(("args", "setup", "message"), list(EVAL_CASES.values()), ids=list(EVAL_CASES))
+def test_eval_and_perplexity_mistakes(work, capsys, args, setup, message, monkeypatch):
+    from ettin_jax import harness
+
+    monkeypatch.setattr(harness, "EttinLM", _no_model)
+    if setup is not None:
+        setup(work)
+    _, line = run(args.split(), capsys)
+    assert message in line, line
+
+
+def test_perplexity_of_empty_texts_is_named(work, capsys, monkeypatch):
+    """Empty texts are found once the tokenizer is there (the model loads first)."""
+    (work / "e.jsonl").write_text('{"text": " "}\n')
+    monkeypatch.setattr(cli, "pipeline", lambda *a, **k: type("P", (), {"model": None, "tokenizer": None})())
+    _, line = run(["perplexity", "--file", "e.jsonl"], capsys)
+    assert line == "error: no text to score: every text is empty"
