@@ -5,7 +5,7 @@ from ettin_jax.cache import Cache
 from ettin_jax.compile_cache import enable_compilation_cache
 from ettin_jax.config import ETTIN_SIZES, ConfigError, ModernBertDecoderConfig
 from ettin_jax.errors import EttinError
-from ettin_jax.generation import GenerationConfig
+from ettin_jax.generation import GenerateDecoderOnlyOutput, GenerationConfig
 from ettin_jax.inputs import InputError
 from ettin_jax.modeling import (
     BaseModelOutput,
@@ -26,6 +26,7 @@ __all__ = [
     "CausalLMOutput",
     "ConfigError",
     "EttinError",
+    "GenerateDecoderOnlyOutput",
     "GenerationConfig",
     "InputError",
     "ModernBertDecoderConfig",

@@ -265,7 +265,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        num_return_sequences=args.num_return_sequences, seed=args.seed,
+        num_return_sequences=args.num_return_sequences, seed=args.seed, stop_strings=args.stop or None,
     )  # fmt: skip
 
 
@@ -592,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
         "seed --seed + i*n + j, whichever process or batch makes it",
     )
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--stop", action="append", metavar="TEXT",
+        help="end a completion before this text (repeat for several); its token is the last one made",
+    )  # fmt: skip
     generate.add_argument(
         "--max-batch-size",
         "--batch-size",

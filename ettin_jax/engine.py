@@ -19,6 +19,11 @@ values: 6.8 MB for 17m in float32 at max_length 1024, 595 MB for 1b in bfloat16 
    context, and a step that read all of it would cost 4x more at 17m (8192 against 1024);
 3. the host hands each request its new tokens and frees the slots of those that ended.
 
+Stop strings are text, read on the host: a request with `stop_strings` (and a `tokenizer`) keeps
+a `detokenize.TextStream`, and takes its new tokens only through the one that completes a stop
+string (tokens the same decode call made after it are dropped); its slot is freed at once, so
+it decodes at most `steps_per_call` steps past its stop.
+
 A request's tokens do not depend on its neighbours: every computation is per row, and a
 sampled token's randomness is `fold_in(key(seed), token index)`. Greedy tokens equal
 `model.generate` on the prompt alone.
@@ -47,6 +52,7 @@ from flax import nnx
 
 from ettin_jax import compilation, sharding
 from ettin_jax.cache import Cache, LayerCache, init_cache
+from ettin_jax.detokenize import TextStream
 from ettin_jax.generation import (
     ERRORS,
     GenerationConfig,
@@ -58,8 +64,10 @@ from ettin_jax.generation import (
     _prefill,
     _prompt_tokens,
     check_prompts,
+    check_tokenizer,
     configure,
     resolve,
+    tokens_only,
 )
 from ettin_jax.inputs import describe, integer, token_list
 from ettin_jax.padding import bucket
@@ -291,7 +299,9 @@ def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, p
 # ---- requests ---------------------------------------------------------------------------------
 class Request:
     """A submitted request: its new tokens as they come (`tokens`), and `done`, `error` and
-    `finish_reason` ("stop", "length" or "cancelled") once it ends. With `logprobs` (how many
+    `finish_reason` ("stop", "length" or "cancelled") once it ends; "stop" for its stop token
+    or for a stop string, whose completing token is its last (`text`, the request's
+    `TextStream`, then holds its text before the stop string). With `logprobs` (how many
     top tokens to report, 0 for the chosen one's only) each token's raw log-probability comes too: `token_logprobs[i]` and
     `top_logprobs[i]` ((token, logprob) pairs, most likely first) are set before `tokens[i]`.
     `stream()` yields tokens as they are made; `result()` waits for the end; `cancel()` frees
@@ -302,6 +312,7 @@ class Request:
                  on_update: Callable[[Request], None] | None):  # fmt: skip
         self.engine, self.prompt, self.config, self.logprobs = engine, prompt, config, logprobs
         self.limits: Limits | None = None  # set once the request is checked
+        self.text: TextStream | None = None  # with stop strings: the request's text so far
         self.tokens: list[int] = []
         self.token_logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
@@ -314,7 +325,12 @@ class Request:
         self._cancelled = False
         self._changed = threading.Condition(engine._lock)
 
-    def _emit(self, tokens: Sequence[int], logprobs: Sequence[tuple[float, list[tuple[int, float]]]] = ()) -> None:
+    def _emit(self, tokens: Sequence[int], logprobs: Sequence[tuple[float, list[tuple[int, float]]]] = ()) -> int:
+        """Takes new tokens (and their logprobs, if asked for): with stop strings only those
+        through the one that completes a stop string. Returns how many it took."""
+        if self.text is not None:
+            tokens = tokens[: self.text.until_stop(tokens)]
+            logprobs = logprobs[: len(tokens)]
         if self.first_token_at is None and tokens:
             self.first_token_at = time.perf_counter()
         for chosen, top in logprobs:
@@ -322,6 +338,12 @@ class Request:
             self.top_logprobs.append(top[: self.logprobs])
         self.tokens.extend(tokens)
         self._notify()
+        return len(tokens)
+
+    @property
+    def stop_string_seen(self) -> bool:
+        """Whether the request's text has reached one of its stop strings: it has ended."""
+        return self.text is not None and self.text.stopped
 
     def _finish(self, reason: str | None, error: str | None = None) -> None:
         self.done, self.finish_reason, self.error = True, reason, error
@@ -454,12 +476,14 @@ class Engine:
         *,
         logprobs: int | None = None,
         on_update: Callable[[Request], None] | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> Request:
         """Queues a request: `prompt` token ids, and `generate`'s arguments; `logprobs` and
-        `on_update` as `Request` describes them. A request that cannot run (empty, too long, ids
-        outside the vocabulary, a bad argument) comes back ended, with its `error`; the others
-        are not affected. A full queue blocks until there is room."""
+        `on_update` as `Request` describes them; `tokenizer`: what its `stop_strings` are read
+        with. A request that cannot run (empty, too long, ids outside the vocabulary, a bad
+        argument) comes back ended, with its `error`; the others are not affected. A full queue
+        blocks until there is room."""
         if on_update is not None and not callable(on_update):  # it would fail in the engine's thread
             raise GenerationTypeError(f"on_update must be a function or None, got {describe(on_update)}")
         request = Request(self, [], GenerationConfig(), None, on_update)
@@ -474,7 +498,9 @@ class Engine:
             request.config = config
             if config.num_return_sequences != 1:
                 raise GenerationError("the engine serves one sequence per request; submit the prompt again")
-            request.limits = _limits(self.config, config, request.prompt, "prompt", self.max_length)
+            request.limits = _limits(self.config, config, request.prompt, "prompt", self.max_length, tokenizer)
+            if config.stop_strings:
+                request.text = TextStream(tokenizer, config.stop_strings)
             try:  # values the slots' int32 and float32 arrays cannot hold fail here, not in the engine's thread
                 self._params([request])
             except (OverflowError, ValueError, TypeError) as e:
@@ -542,9 +568,12 @@ class Engine:
                     continue
                 steps = emitted[:, slot]
                 new = tokens[steps, slot].tolist()
-                self.stats["tokens"] += len(new)
-                request._emit(new, _entries(logprobs, (steps, slot)) if request.logprobs is not None else ())
-                if not active[slot]:
+                self.stats["tokens"] += request._emit(
+                    new, _entries(logprobs, (steps, slot)) if request.logprobs is not None else ()
+                )
+                if request.stop_string_seen:
+                    self._release(slot, "stop")
+                elif not active[slot]:
                     self._end(slot, "stop" if new and new[-1] in request.limits.eos else "length")
             self.stats["host_s"] += time.perf_counter() - start - (after - before) - prefill
             return True
@@ -576,11 +605,16 @@ class Engine:
         self.requests[slot]._finish(reason)
         self.requests[slot] = None
 
+    def _release(self, slot: int, reason: str) -> None:
+        """Ends the request of a slot that the device still decodes (cancelled, or at a stop
+        string), and stops the device decoding it."""
+        self.slots = self.slots.replace(active=self.slots.active.at[slot].set(False))
+        self._end(slot, reason)
+
     def _drop_cancelled(self) -> None:
         for slot, request in enumerate(self.requests):
             if request is not None and request._cancelled:
-                self.slots = self.slots.replace(active=self.slots.active.at[slot].set(False))
-                self._end(slot, "cancelled")
+                self._release(slot, "cancelled")
         for request in [r for r in self.queue if r._cancelled]:
             self.queue.remove(request)
             request._finish("cancelled")
@@ -669,9 +703,11 @@ class Engine:
             request._emit([token], _entries(logprobs, ([i],)) if request.logprobs is not None else ())
             self.stats["tokens"] += 1
             if stopped[i]:
-                request._finish("stop" if token in request.limits.eos else "length")
+                request._finish("stop" if token in request.limits.eos or request.stop_string_seen else "length")
             else:
                 self.requests[slot] = request
+                if request.stop_string_seen:  # the first token already completes a stop string
+                    self._release(slot, "stop")
 
     def _prefill(self, group: list[Request], slots: list[int]) -> None:
         width = bucket(max(len(r.prompt) for r in group), maximum=self.prefill_chunk)
@@ -828,14 +864,18 @@ def default_batch_size(slot_bytes: int) -> int:
     return int(max(1, min(most, budget // max(slot_bytes, 1))))
 
 
-def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:
-    """Each request's new tokens, in input order, through its stop token or `max_new_tokens`.
-    `kwargs` are `generate`'s; `max_new_tokens`, `temperature`, `top_k`, `top_p`, `min_p` and
-    `seed` may each be a list with one value per request. Engine settings (`max_batch_size`,
-    `steps_per_call`, ...) may be given too. Requests that cannot run are an error that names
-    each, before any work."""
+def generate_batch(
+    model: Any, inputs: Sequence[Sequence[int]], *, tokenizer: Any = None, **kwargs: Any
+) -> list[list[int]]:
+    """Each request's new tokens, in input order, through its stop token, the token that
+    completes one of its `stop_strings` (read with `tokenizer`, as in `generate`), or
+    `max_new_tokens`. `kwargs` are `generate`'s; `max_new_tokens`, `temperature`, `top_k`,
+    `top_p`, `min_p` and `seed` may each be a list with one value per request, and
+    `stop_strings` a list with one list of strings (or None) per request (a list of strings is
+    every request's). Engine settings (`max_batch_size`, `steps_per_call`, ...) may be given
+    too. Requests that cannot run are an error that names each, before any work."""
     engine_args = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENGINE_ARGS}
-    per_request = {k: kwargs.pop(k) for k in list(kwargs) if k in _PER_REQUEST and isinstance(kwargs[k], (list, tuple))}
+    per_request = {k: kwargs.pop(k) for k in list(kwargs) if k in _PER_REQUEST and _one_per_request(k, kwargs[k])}
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (Sequence, np.ndarray)):
         raise GenerationTypeError(f"inputs must be a list of prompts (token-id lists), got {describe(inputs)}")
     if not len(inputs):
@@ -848,7 +888,8 @@ def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -
         try:
             prompt = token_list(inputs[i], f"inputs[{i}]", errors=ERRORS)
             config = GenerationConfig().replace(**kwargs, **{k: v[i] for k, v in per_request.items()})
-            longest = max(longest, len(prompt) + _limits(model.config, config, prompt, f"inputs[{i}]").max_new)
+            limits = _limits(model.config, config, prompt, f"inputs[{i}]", tokenizer=tokenizer)
+            longest = max(longest, len(prompt) + limits.max_new)
             prompts.append(prompt)
             configs.append(config)
         except GenerationError as e:
@@ -863,7 +904,7 @@ def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -
         slot_bytes = _slot_bytes(model.config, engine_args["max_length"], dtype)
         engine_args["max_batch_size"] = min(default_batch_size(slot_bytes), bucket(len(inputs), 1))
     engine = Engine(model, **engine_args)
-    requests = [engine.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+    requests = [engine.submit(p, c, tokenizer=tokenizer) for p, c in zip(prompts, configs, strict=True)]
     engine.run()
     errors = [f"request {i}: {r.error}" for i, r in enumerate(requests) if r.error]
     if errors:
@@ -871,10 +912,15 @@ def generate_batch(model: Any, inputs: Sequence[Sequence[int]], **kwargs: Any) -
     return [r.tokens for r in requests]
 
 
-def _limits(config: Any, c: GenerationConfig, prompt: list[int], name: str, context: int | None = None) -> Limits:
+def _limits(
+    config: Any, c: GenerationConfig, prompt: list[int], name: str, context: int | None = None, tokenizer: Any = None
+) -> Limits:
     """A request's `Limits`, or the `GenerationError` that names why it cannot run: its prompt
-    (`name`), its arguments, or more stop ids than a slot holds. What `submit` and
-    `generate_batch` check, before any work."""
+    (`name`), its arguments (stop strings without a `tokenizer`, scores the engine does not
+    return), or more stop ids than a slot holds. What `submit` and `generate_batch` check,
+    before any work."""
+    check_tokenizer(c, tokenizer)
+    tokens_only(c, "the engine (generate_batch)")
     try:
         check_prompts([prompt], config.vocab_size, [name])
     except GenerationError as e:
@@ -886,4 +932,15 @@ def _limits(config: Any, c: GenerationConfig, prompt: list[int], name: str, cont
 
 
 _ENGINE_ARGS = ("max_batch_size", "max_length", "steps_per_call", "prefill_batch", "prefill_chunk", "max_queue")
-_PER_REQUEST = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
+_PER_REQUEST = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop_strings")
+
+
+def _one_per_request(name: str, value: Any) -> bool:
+    """Whether a `generate_batch` argument gives one value per request: a list does, except
+    that a list of strings is every request's `stop_strings`, and only a list whose items are
+    lists (or None) gives each request its own."""
+    if not isinstance(value, (list, tuple)):
+        return False
+    if name == "stop_strings":
+        return bool(value) and all(v is None or isinstance(v, (list, tuple)) for v in value)
+    return True

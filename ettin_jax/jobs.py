@@ -292,7 +292,7 @@ def _record(generator: TextGenerationPipeline, text: str, requests: Sequence[Req
     error = next((r.error for r in requests if r.error), None)
     if error is not None:
         return {"prompt": text, "error": error}
-    texts = [generator.record(text, r.tokens)["generated_text"] for r in requests]
+    texts = [generator.record(text, r.tokens, stop_strings=r.config.stop_strings)["generated_text"] for r in requests]
     return {"prompt": text, "generated_text": texts if len(texts) > 1 else texts[0]}
 
 
@@ -342,7 +342,12 @@ def run(
                 while position < len(job.indices) and len(live) * copies < window:
                     index = job.indices[position]
                     live[position] = [
-                        engine.submit(ids[index], config, seed=sample_seed(config.seed, index, j, copies))
+                        engine.submit(
+                            ids[index],
+                            config,
+                            seed=sample_seed(config.seed, index, j, copies),
+                            tokenizer=generator.tokenizer,
+                        )
                         for j in range(copies)
                     ]
                     position += 1

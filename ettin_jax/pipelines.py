@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from ettin_jax import compilation, convert, default_model
+from ettin_jax.detokenize import TextStream, text_of
 from ettin_jax.errors import EttinError
-from ettin_jax.generation import GenerationConfig, resolve
+from ettin_jax.generation import GenerationConfig, configure, resolve, tokens_only
 from ettin_jax.inputs import check_inputs, describe, flag, integer
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
 from ettin_jax.padding import left_pad, with_bos
@@ -75,13 +76,27 @@ class TextGenerationPipeline:
         # The tokenizer's own template may append EOS ([SEP]); a prompt must not end with it.
         return with_bos(self.tokenizer(text, add_special_tokens=False)["input_ids"], self.bos)
 
-    def new_tokens(self, row: np.ndarray) -> list[int]:
-        """A row of generated ids up to and including the first EOS (the rest is padding)."""
+    def new_tokens(self, row: np.ndarray, stop_strings: Sequence[str] | None = None) -> list[int]:
+        """A row of generated ids up to and including the first EOS, or the token that completes
+        one of `stop_strings` (the rest is padding)."""
         ids = row.tolist()
         for i, token in enumerate(ids):
             if token in self.model.config.eos_token_ids:
-                return ids[: i + 1]
+                ids = ids[: i + 1]
+                break
+        if stop_strings:
+            ids = ids[: TextStream(self.tokenizer, stop_strings).until_stop(ids)]
         return ids
+
+    def generation_config(self, generate_kwargs: dict[str, Any]) -> GenerationConfig:
+        """`generate`'s arguments as a config, checked; the pipeline returns text, not scores,
+        and passes its own tokenizer (for `stop_strings`)."""
+        if "tokenizer" in generate_kwargs:
+            raise PipelineError("tokenizer: the pipeline reads stop strings with its own; pass it to pipeline()")
+        kwargs = dict(generate_kwargs)
+        config = configure(kwargs.pop("generation_config", None), **kwargs)
+        tokens_only(config, "the text-generation pipeline")
+        return config
 
     def sampling(self, **generate_kwargs: Any) -> tuple[GenerationConfig, int]:
         """`generate`'s arguments as the config of one request (one sequence), and how many
@@ -92,10 +107,18 @@ class TextGenerationPipeline:
         return config.replace(num_return_sequences=1), config.num_return_sequences
 
     def record(
-        self, text: str, tokens: Sequence[int], *, return_full_text: bool = True, return_tensors: bool = False
+        self,
+        text: str,
+        tokens: Sequence[int],
+        *,
+        stop_strings: Sequence[str] | None = None,
+        return_full_text: bool = True,
+        return_tensors: bool = False,
     ) -> dict[str, Any]:
-        """One result: {"generated_text": ...}, and "generated_token_ids" with `return_tensors`."""
-        completion = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        """One result: {"generated_text": ...}, the text ending before the first of
+        `stop_strings` (the tokens end with the one that completed it), and "generated_token_ids"
+        with `return_tensors`."""
+        completion = text_of(self.tokenizer, tokens, stop_strings or ())
         record: dict[str, Any] = {"generated_text": (text if return_full_text else "") + completion}
         if return_tensors:
             record["generated_token_ids"] = list(tokens)
@@ -112,7 +135,8 @@ class TextGenerationPipeline:
     ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """A string gives [{"generated_text": ...}] (one per return sequence); a list of
         strings gives one such list per string. `return_tensors=True` adds
-        "generated_token_ids", the new tokens (through EOS).
+        "generated_token_ids", the new tokens (through EOS). With `stop_strings` a text ends
+        just before the first stop string in it, and its tokens with the one that completed it.
 
         A string runs `model.generate`; a list runs the continuous-batching engine
         (`model.generate_batch`) on `batch_size` decode slots (default: what the KV cache's
@@ -126,10 +150,13 @@ class TextGenerationPipeline:
         }
         if batch_size is not None:
             integer(batch_size, "batch_size", 1, must="a positive integer", errors=ERRORS)
+        config = self.generation_config(generate_kwargs)
+        options["stop_strings"] = config.stop_strings
         if isinstance(inputs, str):
             prompt = self.encode(inputs)
-            out = self.model.generate([prompt], **generate_kwargs)
-            return [self.record(inputs, self.new_tokens(row), **options) for row in out[:, len(prompt) :]]
+            out = self.model.generate([prompt], generation_config=config, tokenizer=self.tokenizer)
+            rows = out[:, len(prompt) :]
+            return [self.record(inputs, self.new_tokens(row, config.stop_strings), **options) for row in rows]
         if not texts:
             return []
         config, copies = self.sampling(**generate_kwargs)
@@ -138,34 +165,37 @@ class TextGenerationPipeline:
         kwargs = {k: v for k, v in generate_kwargs.items() if k != "num_return_sequences"}
         engine_args = {} if batch_size is None else {"max_batch_size": batch_size}
         tokens = self.model.generate_batch(
-            [p for p in prompts for _ in range(copies)], **{**kwargs, "seed": seeds}, **engine_args
-        )
+            [p for p in prompts for _ in range(copies)], tokenizer=self.tokenizer, **{**kwargs, "seed": seeds},
+            **engine_args,
+        )  # fmt: skip
         return [
             [self.record(text, tokens[i * copies + j], **options) for j in range(copies)]
             for i, text in enumerate(texts)
         ]
 
     def stream(self, text: str, **generate_kwargs: Any) -> Iterator[str]:
-        """Yields the completion of one prompt piece by piece as tokens are made; the arguments
-        are checked at the call."""
+        """Yields the completion of one prompt piece by piece as tokens are made (never part of
+        a character; with `stop_strings`, ending just before the first one); the arguments are
+        checked at the call."""
         if not isinstance(text, str):
             raise PipelineTypeError(f"text must be a string, got {describe(text)}")
-        return self._pieces(self.model.generate_stream([self.encode(text)], **generate_kwargs))
+        config = self.generation_config(generate_kwargs)
+        steps = self.model.generate_stream([self.encode(text)], generation_config=config, tokenizer=self.tokenizer)
+        return self._pieces(steps, TextStream(self.tokenizer, config.stop_strings or ()))
 
-    def _pieces(self, steps: Iterator[np.ndarray]) -> Iterator[str]:
-        tokens: list[int] = []
-        shown = ""
+    def _pieces(self, steps: Iterator[np.ndarray], text_stream: TextStream) -> Iterator[str]:
         for step in steps:
             token = int(step[0])
             if token in self.model.config.eos_token_ids:
                 break
-            tokens.append(token)
-            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            # Hold back a trailing partial UTF-8 character until its other bytes arrive.
-            if decoded.endswith("\ufffd"):
-                continue
-            yield decoded[len(shown) :]
-            shown = decoded
+            piece = text_stream.add([token])
+            if piece:
+                yield piece
+            if text_stream.stopped:
+                return
+        rest = text_stream.finish()
+        if rest:
+            yield rest
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef", "sigmoid"))

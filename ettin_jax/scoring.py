@@ -144,9 +144,7 @@ def _max_length(model: Any, max_length: int | None) -> int:
 
 # ---- continuations given contexts (lm-evaluation-harness) -----------------------------------
 @functools.partial(compilation.jit, static_argnames=("graphdef",))
-def _loglikelihood_program(
-    graphdef, state, contexts, context_valid, tails, tail_valid, parents, picks, targets, owners
-):
+def _loglikelihood_program(graphdef, state, contexts, context_valid, tails, tail_valid, parents, picks, targets):
     """One batch of requests that share their contexts.
 
     contexts, context_valid (C, S): the distinct contexts, left-padded. tails, tail_valid
@@ -155,11 +153,11 @@ def _loglikelihood_program(
     continuations (a multiple-choice question's) is read once. The states that predict the
     scored tokens are the contexts' last ones (each continuation's first token) and the tails'
     (the rest): picks (P,) indexes them, [C context ends; R * T tail places], for each scored
-    token, targets (P,) the token, owners (P,) its request (R: padding). The vocabulary
-    projection, most of a small model's work, runs on those P states alone.
+    token, targets (P,) the token. The vocabulary projection, most of a small model's work, runs
+    on those P states alone.
 
-    Returns each request's (R,) summed log-probability and (R,) whether every target is its
-    distribution's most likely token."""
+    Returns each target's (P,) log-probability and (P,) whether it is its distribution's most
+    likely token."""
     model = nnx.merge(graphdef, state)
     count, width = contexts.shape
     positions = jnp.where(context_valid, jnp.cumsum(context_valid, axis=-1) - 1, 0).astype(jnp.int32)
@@ -177,10 +175,7 @@ def _loglikelihood_program(
     states = jnp.concatenate([ends, hidden.last_hidden_state.reshape(-1, ends.shape[-1])])[picks]  # (P, D)
     logprobs = jax.nn.log_softmax(model.logits(states[None])[0].astype(jnp.float32), axis=-1)  # (P, V)
     chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    missed = (jnp.argmax(logprobs, axis=-1) != targets).astype(jnp.int32)
-    requests = tails.shape[0]  # padding's owner, R, has a segment of its own, dropped
-    sums = jax.ops.segment_sum(chosen, owners, num_segments=requests + 1)[:requests]
-    return sums, jax.ops.segment_sum(missed, owners, num_segments=requests + 1)[:requests] == 0
+    return chosen, jnp.argmax(logprobs, axis=-1) == targets
 
 
 def _context_batches(
@@ -259,11 +254,12 @@ def loglikelihood(
         width = bucket(max(len(keys[c]) for c in group))
         tail = bucket(max(len(continuations[i]) - 1 for i in batch), minimum=1)
         rows, count, scored = fill(len(batch)), fill(len(group)), bucket(sum(len(continuations[i]) for i in batch))
+        owners = np.full(scored, rows, np.int32)  # each scored token's request (rows: padding)
         arrays = {
             "contexts": np.zeros((count, width), np.int32), "context_valid": np.zeros((count, width), bool),
             "tails": np.zeros((rows, tail), np.int32), "tail_valid": np.zeros((rows, tail), bool),
             "parents": np.zeros(rows, np.int32), "picks": np.zeros(scored, np.int32),
-            "targets": np.zeros(scored, np.int32), "owners": np.full(scored, rows, np.int32),
+            "targets": np.zeros(scored, np.int32),
         }  # fmt: skip
         row = at = 0
         for parent, c in enumerate(group):
@@ -278,11 +274,15 @@ def loglikelihood(
                 # The first token is predicted by the context's end, the others by the tail.
                 arrays["picks"][at : at + k] = [parent, *(count + row * tail + np.arange(k - 1))]
                 arrays["targets"][at : at + k] = cont
-                arrays["owners"][at : at + k] = row
+                owners[at : at + k] = row
                 row, at = row + 1, at + k
-        sums, greedy = _run(_loglikelihood_program, model, arrays)
+        chosen, greedy = _run(_loglikelihood_program, model, arrays)
+        # Summed on the host in float64: a long document's thousands of terms would otherwise
+        # carry float32's rounding.
+        sums = np.bincount(owners, weights=chosen.astype(np.float64), minlength=rows + 1)
+        misses = np.bincount(owners, weights=~greedy, minlength=rows + 1)
         for r, i in enumerate(batch):
-            results[i] = (float(sums[r]), bool(greedy[r]))
+            results[i] = (float(sums[r]), bool(misses[r] == 0))
     return results
 
 

@@ -154,6 +154,27 @@ def test_generate_batch_file(default_home, work, capsys, suffix):
     assert (work / "again.jsonl").read_text() == target.read_text()
 
 
+def test_generate_stop_ends_each_completion_before_it(default_home, work, capsys):
+    """--stop, on one streamed prompt and on a prompt file (the engine): the greedy text of a
+    run without it, cut before the first stop string."""
+    prompts = ["The function returns", "A list is"]
+    completions = []
+    for prompt in prompts:
+        assert main(["generate", prompt, "--max-new-tokens", "24"]) == 0
+        completions.append(capsys.readouterr().out[len(prompt) : -1])
+    stop = completions[0][4:7]  # some text well inside the first completion
+    assert stop in completions[0] and len(stop) == 3
+    assert main(["generate", prompts[0], "--max-new-tokens", "24", "--stop", stop, "--stop", "no such text"]) == 0
+    assert capsys.readouterr().out == prompts[0] + completions[0][: completions[0].find(stop)] + "\n"
+    (work / "p.txt").write_text("\n".join(prompts) + "\n")
+    args = ["--input-file", str(work / "p.txt"), "--output-file", str(work / "o.jsonl"), "--max-new-tokens", "24"]
+    args += ["--stop", stop]
+    assert main(["generate", *args]) == 0
+    records = [json.loads(line) for line in (work / "o.jsonl").read_text().splitlines()]
+    expected = [c[: c.find(stop)] if stop in c else c for c in completions]
+    assert [r["generated_text"] for r in records] == [p + e for p, e in zip(prompts, expected, strict=True)]
+
+
 @pytest.mark.parametrize(
     ("args", "content", "message"),
     [
