@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -35,13 +36,13 @@ def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
     assert [lang for lang, _ in found] == [
         "bash", "python", "python", "python", "python", "python", "python", "bash", "python", "bash", "bash", "python",
-        "bash",
+        "bash", "bash",
     ]  # fmt: skip
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
     # The first block makes tiny-ettin and builds the default model. The rest only read those and
     # form two chains that share no file, run side by side, each in the README's order: one has
-    # tiny-ettin's examples, the server's and the mesh example; the other the pipelines and the
-    # fine-tuning.
+    # tiny-ettin's examples, the server's and the mesh example; the other the pipelines, the
+    # fine-tuning and the evaluation.
     run_block(*found[0], tmp_path, env)
 
     def run_chain(indices: tuple[int, ...]) -> None:
@@ -50,7 +51,8 @@ def test_readme_examples_run_as_printed(tmp_path):
 
     try:
         with ThreadPoolExecutor(2) as pool:
-            for done in [pool.submit(run_chain, (1, 2, 3, 4, 6, 7, 8, 9, 12)), pool.submit(run_chain, (5, 10, 11))]:
+            chains = (1, 2, 3, 4, 6, 7, 8, 9, 13), (5, 10, 11, 12)
+            for done in [pool.submit(run_chain, chain) for chain in chains]:
                 done.result()  # re-raises a chain's failure
     finally:  # a failed block must not leave the README's server running
         pid = tmp_path / "serve.pid"
@@ -60,6 +62,7 @@ def test_readme_examples_run_as_printed(tmp_path):
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["reversed"]["acc,none"] == 1.0
 
 
 def test_readme_set_up_commands():
