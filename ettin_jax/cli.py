@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 import ettin_jax.train
-from ettin_jax import compile_cache, distributed, evaluation, files, jobs, modeling, server, sharding
+from ettin_jax import compile_cache, distributed, evaluation, files, jobs, modeling, scoring, server, sharding
 from ettin_jax.convert import architecture, checkpoint_format, load_pretrained, resolve, save_pretrained
 from ettin_jax.errors import EttinError
 from ettin_jax.pipelines import pipeline
@@ -680,7 +680,9 @@ def _add_eval(commands: typing.Any, model_help: str) -> None:
     evaluate.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: the task's)")
     evaluate.add_argument("--limit", type=float, help="documents per task: a count, or a fraction below 1")
     evaluate.add_argument(
-        "--batch-size", type=int, help="requests per forward pass (default: as many as 4096 tokens hold)"
+        "--batch-size",
+        type=int,
+        help=f"requests per batch (default: as many as {scoring.LOGLIKELIHOOD_BATCH_TOKENS} tokens hold)",
     )
     evaluate.add_argument("--max-length", type=int, help="most tokens a request reads (default: the model's context)")
     evaluate.add_argument("--max-gen-toks", type=int, default=256, help="generate_until's default token budget")
@@ -711,7 +713,10 @@ def _add_eval(commands: typing.Any, model_help: str) -> None:
     ppl.add_argument("--file", required=True, help=".txt or .jsonl")
     ppl.add_argument("--text-column", default="text", help="the field of a .jsonl line that holds its text")
     ppl.add_argument("--max-length", type=int, help="the window, in tokens (default: the model's context)")
-    ppl.add_argument("--batch-size", type=int, help="windows per forward pass (default: as many as 4096 tokens hold)")
+    ppl.add_argument(
+        "--batch-size", type=int,
+        help=f"windows per batch (default: as many as {scoring.LOGLIKELIHOOD_BATCH_TOKENS} tokens hold)",
+    )  # fmt: skip
     ppl.add_argument("--dtype", choices=DTYPES, default="float32")
     _add_quantization_flags(ppl, kv=False)
     _add_nonfinite_flag(ppl)

@@ -67,7 +67,7 @@ class EttinLM(TemplateLM):
         tokenizer: Any = None,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
-        max_batch_tokens: int = scoring.DEFAULT_BATCH_TOKENS,
+        max_batch_tokens: int = scoring.LOGLIKELIHOOD_BATCH_TOKENS,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         add_bos_token: bool | None = None,

@@ -58,10 +58,15 @@ def test_pairs_match_transformers_in_mixed_batches(causal_pair):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("batching", [{}, {"batch_size": 1}, {"batch_size": 5}, {"max_batch_tokens": 64}])
-def test_choices_that_share_a_context_read_it_once_and_score_alike(causal_pair, batching):
+@pytest.mark.parametrize(
+    "batching", [{}, {"batch_size": 1}, {"batch_size": 5}, {"max_batch_tokens": 64}, {"head_chunk": 16}]
+)
+def test_choices_that_share_a_context_read_it_once_and_score_alike(causal_pair, batching, monkeypatch):
     """Multiple-choice requests: each question's choices (1 to 12 tokens) share its context,
-    which is read once and its KV cache shared; the pairs are those of separate passes."""
+    which is read once and its KV cache shared; the pairs are those of separate passes (also
+    with the logits made 16 scored tokens at a time)."""
+    if "head_chunk" in batching:
+        monkeypatch.setattr(scoring, "HEAD_CHUNK", batching.pop("head_chunk"))
     reference, model = causal_pair
     rng = np.random.default_rng(2)
     requests = []
