@@ -379,6 +379,10 @@ def _check_eval(args: argparse.Namespace) -> None:
         raise CommandError(f"--tasks names no task: {args.tasks!r}")
     if args.include_path is not None and not os.path.isdir(args.include_path):
         raise CommandError(f"--include-path {args.include_path}: not a directory")
+    if args.max_length is not None and args.max_gen_toks >= args.max_length:
+        raise CommandError(
+            f"--max-gen-toks {args.max_gen_toks} leaves no room for a prompt in --max-length {args.max_length}"
+        )
     if args.log_samples and not args.output_path:
         raise CommandError("--log-samples needs --output-path")
     if args.output_path:
@@ -410,15 +414,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise CommandError(f"--tasks: no task {', '.join(map(repr, unknown))} in lm-eval{where}")
     model = harness.EttinLM(
         args.model, batch_size=args.batch_size, max_length=args.max_length, max_gen_toks=args.max_gen_toks,
-        add_bos_token=True if args.add_bos_token else None, **_model_kwargs(args),
+        add_bos_token=True if args.add_bos_token else None, seed=args.seed, **_model_kwargs(args),
     )  # fmt: skip
     results = lm_eval.simple_evaluate(
         model=model, tasks=args.task_list, num_fewshot=args.num_fewshot, limit=args.limit,
         log_samples=args.log_samples, task_manager=manager, random_seed=args.seed, numpy_random_seed=args.seed,
         torch_random_seed=args.seed, fewshot_random_seed=args.seed,
     )  # fmt: skip
-    if results is None:  # not the first process
-        return 0
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
@@ -689,9 +691,11 @@ def _add_eval(commands: typing.Any, model_help: str) -> None:
     evaluate.add_argument(
         "--add-bos-token",
         action="store_true",
-        help="encode with the tokenizer's special tokens, as the Ettin paper did",
+        help="start every request with BOS, as the Ettin paper evaluated (lm-eval's add_bos_token=True)",
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling)")
+    evaluate.add_argument(
+        "--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling) and sampled generations'"
+    )
     evaluate.add_argument(
         "--output-path", metavar="FILE", help="lm-eval's results JSON, written here (never over a file)"
     )

@@ -22,7 +22,6 @@ Needs lm-eval (`pip install "ettin-jax[eval]"`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -34,13 +33,12 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from ettin_jax import convert, default_model, scoring
 from ettin_jax.errors import EttinError
-from ettin_jax.generation import GenerationConfig
 from ettin_jax.modeling import ModernBertDecoderForCausalLM
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for `generate_until`
-_SAMPLING = {f.name for f in dataclasses.fields(GenerationConfig)}
+_SAMPLING = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"}  # of GenerationConfig
 
 
 class HarnessError(EttinError, ValueError):
@@ -73,6 +71,7 @@ class EttinLM(TemplateLM):
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
         device: str | None = None,
+        seed: int = 0,
         dtype: str = "float32",
         **from_pretrained: Any,
     ):
@@ -87,7 +86,10 @@ class EttinLM(TemplateLM):
             if tokenizer is None:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(directory)
+                # As `hf` loads it: add_bos_token=True makes the tokenizer's special tokens BOS
+                # alone (Ettin's own template also appends [SEP]).
+                kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+                tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         elif not isinstance(model, ModernBertDecoderForCausalLM):
             raise HarnessError(f"model must be a ModernBertDecoderForCausalLM, got {type(model).__name__}")
         if tokenizer is None:
@@ -100,10 +102,14 @@ class EttinLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         # "auto" and "auto:N" (the harness's batch-size search; `max_batch_size` caps it): the
         # token budget decides instead.
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else None
-        if self.batch_size == 0:
-            raise HarnessError("batch_size must be >= 1 (or auto), got 0")
+        auto = batch_size is None or str(batch_size).startswith("auto")
+        if not auto and not (str(batch_size).isdigit() and int(batch_size) >= 1):
+            raise HarnessError(f"batch_size must be a whole number >= 1 or auto, got {batch_size!r}")
+        self.batch_size = None if auto else int(batch_size)
+        if not (str(max_batch_tokens).isdigit() and int(max_batch_tokens) >= 1):
+            raise HarnessError(f"max_batch_tokens must be a whole number >= 1, got {max_batch_tokens!r}")
         self.max_batch_tokens = int(max_batch_tokens)
+        self.seed = int(seed)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
 
@@ -178,9 +184,12 @@ class EttinLM(TemplateLM):
                 raise HarnessError(f"max_gen_toks {max_gen_toks} must be in [1, max_length {self.max_length})")
             prompts = [self._context(requests[i].args[0], self.max_length - max_gen_toks) for i in indices]
             engine = {"max_batch_size": self.batch_size} if self.batch_size else {}
+            sampling = self._sampling(kwargs)
+            if sampling.get("do_sample"):
+                sampling["seed"] = [self.seed + i for i in indices]
             tokens = self.model.generate_batch(
                 prompts, max_new_tokens=max_gen_toks, stop_strings=[s for s in until if s], tokenizer=self.tokenizer,
-                **self._sampling(kwargs), **engine,
+                **sampling, **engine,
             )  # fmt: skip
             for i, new in zip(indices, tokens, strict=True):
                 text = postprocess_generated_text(self.tokenizer.decode(new, skip_special_tokens=True), until, None)
@@ -195,13 +204,18 @@ class EttinLM(TemplateLM):
 
     @staticmethod
     def _sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The harness's generation arguments as `generate`'s: greedy at temperature 0, and an
-        error naming an argument that `GenerationConfig` does not know."""
+        """The harness's generation arguments as `generate`'s: greedy unless `do_sample` with a
+        temperature > 0 (`hf` sets a missing temperature to 0), `max_length` dropped (the
+        prompt's and the generation's lengths decide it, as under `hf`), and an error naming
+        any other argument that is not a sampling setting."""
+        kwargs = dict(kwargs)
+        if kwargs.pop("max_length", None) is not None:
+            log.warning("max_length in the generation arguments is ignored: use max_gen_toks")
         unknown = sorted(set(kwargs) - _SAMPLING)
         if unknown:
             raise HarnessError(
-                f"unknown generation argument(s) {', '.join(unknown)}; ettin-jax knows {sorted(_SAMPLING)}"
+                f"unknown generation argument(s) {', '.join(unknown)}; ettin-jax takes {sorted(_SAMPLING)}"
             )
-        if not kwargs.get("do_sample") or not kwargs.get("temperature", 1.0):
+        if not kwargs.get("do_sample") or not kwargs.get("temperature", 0.0):
             return {k: v for k, v in kwargs.items() if k not in ("do_sample", "temperature")}
         return kwargs

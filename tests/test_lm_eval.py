@@ -41,18 +41,17 @@ HEALTH_DEADLINE_S = 120
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
+def make_checkpoint(directory: Path, template: str) -> str:
     """A random transformers causal LM saved with a byte-level tokenizer (every byte a token, the
-    default model's) whose template puts BOS ([CLS]) first, as Ettin's samples start. The
-    logits are sharpened and given a unigram prior, so that choices score apart, and the prior
-    favours " " then "o", so that the continuation " o" is greedy (the top_logprobs path)."""
+    first default model's) whose template is `template`. The logits are sharpened and given a
+    unigram prior, so that choices score apart, and the prior favours " " then "o", so that the
+    continuation " o" is greedy (the top_logprobs path)."""
     from tokenizers import processors
 
     tokenizer = default_model.byte_tokenizer()
     bos, eos, pad = (tokenizer.convert_tokens_to_ids(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A", special_tokens=[("[CLS]", bos)]
+        single=template, special_tokens=[("[CLS]", bos), ("[SEP]", eos)]
     )
     # The model's vocabulary is larger than the tokenizer's (264 > 261), as Ettin's is.
     model = torch_model(
@@ -64,10 +63,22 @@ def checkpoint(tmp_path_factory) -> str:
         model.decoder.bias.add_(torch.randn_like(model.decoder.bias))
         model.decoder.bias[tokenizer.convert_tokens_to_ids("Ġ")] += 4.0
         model.decoder.bias[tokenizer.convert_tokens_to_ids("o")] += 3.0
-    directory = tmp_path_factory.mktemp("lm-eval") / "tiny-ettin"
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """BOS ([CLS]) first, as Ettin's samples start."""
+    return make_checkpoint(tmp_path_factory.mktemp("lm-eval") / "tiny-ettin", "[CLS] $A")
+
+
+@pytest.fixture(scope="module")
+def ettin_checkpoint(tmp_path_factory) -> str:
+    """Ettin's own template, [CLS] first and [SEP] last: `add_bos_token=True` must reload it as
+    [CLS] alone, as the harness's `hf` backend does."""
+    return make_checkpoint(tmp_path_factory.mktemp("lm-eval") / "tiny-ettin", "[CLS] $A [SEP]")
 
 
 @pytest.fixture
@@ -189,7 +200,7 @@ def test_local_completions_matches_hf(checkpoint, tasks_dir, tmp_path):
     assert acc == reference_acc
 
 
-def test_ettin_jax_eval_matches_hf_on_every_kind_of_task(checkpoint, tasks_dir, tmp_path):
+def test_ettin_jax_eval_matches_hf_on_every_kind_of_task(ettin_checkpoint, tasks_dir, tmp_path):
     import json
 
     import ettin_jax as ej
@@ -197,13 +208,13 @@ def test_ettin_jax_eval_matches_hf_on_every_kind_of_task(checkpoint, tasks_dir, 
 
     tasks = [TASK, TEXT_TASK, UNTIL_TASK]
     reference = run_harness(
-        "hf", {"pretrained": checkpoint, "dtype": "float32", "add_bos_token": True}, tasks_dir, tasks
+        "hf", {"pretrained": ettin_checkpoint, "dtype": "float32", "add_bos_token": True}, tasks_dir, tasks
     )
     converted = tmp_path / "converted"  # ettin-jax's own format, with the tokenizer beside it
-    ej.ModernBertDecoderForCausalLM.from_pretrained(checkpoint).save_pretrained(converted, format="flax")
+    ej.ModernBertDecoderForCausalLM.from_pretrained(ettin_checkpoint).save_pretrained(converted, format="flax")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(checkpoint) / name).exists():
-            (converted / name).write_bytes((Path(checkpoint) / name).read_bytes())
+        if (Path(ettin_checkpoint) / name).exists():
+            (converted / name).write_bytes((Path(ettin_checkpoint) / name).read_bytes())
     output = tmp_path / "results.json"
     status = cli.main([
         "eval", "--model", str(converted), "--tasks", ",".join(tasks), "--include-path", tasks_dir,

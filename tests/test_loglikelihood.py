@@ -4,9 +4,11 @@ with truncation; the rolling windows against lm-evaluation-harness's own."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from ettin_jax import scoring
 from ettin_jax.generation import GenerationError
@@ -169,3 +171,48 @@ def test_perplexity_command_scores_each_text_from_bos(tmp_path, capsys):
     assert got["token_perplexity"] == pytest.approx(math.exp(-total / got["tokens"]), rel=1e-5)
     assert got["word_perplexity"] == pytest.approx(math.exp(-total / got["words"]), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(-total / got["bytes"] / math.log(2), rel=1e-5)
+
+
+def test_a_context_that_is_not_a_power_of_two_is_never_padded_past_it(tmp_path):
+    """max_position_embeddings 100: a 70-token context with a 25-token continuation, rolling
+    windows of the whole context, and token_logprobs of 90 tokens all fit (buckets stop at 100)."""
+    from helpers import torch_model
+
+    import ettin_jax as ej
+
+    reference = torch_model("causal", 4, max_position_embeddings=100)
+    reference.save_pretrained(tmp_path)
+    model = ej.ModernBertDecoderForCausalLM.from_pretrained(tmp_path)
+    rng = np.random.default_rng(5)
+    ctx, cont = rng.integers(3, 128, 70).tolist(), rng.integers(3, 128, 25).tolist()
+    requests = [(ctx, cont), (ctx[:5], rng.integers(3, 128, 90).tolist()), (ctx, cont[:3])]
+    got = scoring.loglikelihood(model, requests)
+    expected = [reference_loglikelihood(reference, c, k, 100)[0] for c, k in requests]
+    np.testing.assert_allclose([s for s, _ in got], expected, atol=TOLERANCE, rtol=0)
+    document = rng.integers(3, 128, 250).tolist()
+    total = sum(reference_loglikelihood(reference, c, k, 100)[0] for c, k in scoring.rolling_windows(document, 1, 100))
+    assert scoring.loglikelihood_rolling(model, [document], 1)[0] == pytest.approx(total, abs=1e-3)
+    assert len(scoring.token_logprobs(model, [ctx + cont[:20]])[0].chosen) == 89
+
+
+@pytest.mark.parametrize("data", [2, 3])
+def test_a_sharded_model_scores_alike(causal_pair, data):
+    """Over a data mesh, 3 ways included (batches of a power of two rows do not split 3 ways:
+    rows are rounded up, and the scored tokens' indices are replicated)."""
+    import ettin_jax as ej
+    from ettin_jax import sharding
+
+    model = causal_pair[1]
+    mesh = sharding.make_mesh(data, 1, 1, devices=jax.devices()[:data])
+    sharded = ej.ModernBertDecoderForCausalLM(model.config, rngs=nnx.Rngs(0))
+    nnx.update(sharded, jax.device_get(nnx.state(model)))  # the same weights, then sharded
+    sharded = sharding.shard_model(sharded, mesh)
+    rng = np.random.default_rng(6)
+    requests = [
+        (rng.integers(3, 128, n).tolist(), rng.integers(3, 128, k).tolist()) for n, k in ((5, 3), (20, 1), (7, 9))
+    ]
+    requests.append((requests[0][0], [4, 5]))
+    np.testing.assert_allclose(
+        [s for s, _ in scoring.loglikelihood(sharded, requests)],
+        [s for s, _ in scoring.loglikelihood(model, requests)], atol=1e-5, rtol=0,
+    )  # fmt: skip

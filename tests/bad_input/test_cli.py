@@ -293,6 +293,7 @@ EVAL_CASES = {
     "limit_zero": ("eval --tasks t --limit 0", None, "--limit must be > 0"),
     "limit_nan": ("eval --tasks t --limit nan", None, "--limit must be > 0"),
     "fewshot_negative": ("eval --tasks t --num-fewshot -1", None, "--num-fewshot must be >= 0, got -1"),
+    "no_room_for_prompts": ("eval --tasks t --max-length 64 --max-gen-toks 64", None, "--max-gen-toks 64 leaves no room"),
     "unknown_task": ("eval --tasks no_such_task --include-path dir", None, "--tasks: no task 'no_such_task' in lm-eval or in --include-path dir"),
     "ppl_file_missing": ("perplexity --file absent.txt", None, "absent.txt: No such file or directory"),
     "ppl_binary": ("perplexity --file bin.txt", _write("bin.txt", b"fine\n\xff\xfe\n"), "bin.txt:2: not UTF-8"),
