@@ -12,19 +12,20 @@ import pytest
 from fastapi.testclient import TestClient
 
 import ettin_jax
-from ettin_jax import server
+from ettin_jax import default_model, server
 from ettin_jax.engine import Engine
 
 NAME = "tiny"
 KEY = "sk-hostile"
 CONTEXT = 64
+VOCAB = default_model.config().vocab_size  # the embedded default's
 OK = {"model": NAME, "prompt": "ab", "max_tokens": 2}
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "ab"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
 def client():
-    generator = ettin_jax.pipeline("text-generation")  # the embedded default, byte-level tokenizer
+    generator = ettin_jax.pipeline("text-generation")  # the embedded default
     config = server.ServerConfig(model_name=NAME, max_n=4, max_tokens=16, max_logprobs=5, max_body_bytes=4096,
                                  chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")  # fmt: skip
     engine = Engine(generator.model, max_logprobs=config.max_logprobs, max_batch_size=4, max_length=CONTEXT)
@@ -68,7 +69,7 @@ CASES = {
     "bool token ids": ("/v1/completions", completion(prompt=[True, False]), 400, "prompt"),
     "string token ids": ("/v1/completions", completion(prompt=["5", 6]), 400, "prompt"),
     "negative token id": ("/v1/completions", completion(prompt=[5, -1]), 400, "prompt"),
-    "token id past the vocabulary": ("/v1/completions", completion(prompt=[5, 264]), 400, "prompt"),
+    "token id past the vocabulary": ("/v1/completions", completion(prompt=[5, VOCAB]), 400, "prompt"),
     "a huge token id": ("/v1/completions", completion(prompt=[2**70]), 400, "prompt"),
     "an empty token list": ("/v1/completions", completion(prompt=[]), 400, "prompt"),
     "an empty inner token list": ("/v1/completions", completion(prompt=[[5], []]), 400, "prompt"),
@@ -107,7 +108,7 @@ CASES = {
     "stop as a number": ("/v1/completions", completion(stop=5), 400, "stop"),
     "stop as a list of numbers": ("/v1/completions", completion(stop=[5]), 400, "stop"),
     "stop_token_ids of strings": ("/v1/completions", completion(stop_token_ids=["a"]), 400, "stop_token_ids"),
-    "stop_token_ids past the vocabulary": ("/v1/completions", completion(stop_token_ids=[264]), 400,
+    "stop_token_ids past the vocabulary": ("/v1/completions", completion(stop_token_ids=[VOCAB]), 400,
                                            "stop_token_ids"),
     "unsupported presence_penalty": ("/v1/completions", completion(presence_penalty=0.5), 400, "presence_penalty"),
     "unsupported logit_bias": ("/v1/completions", completion(logit_bias={"5": 1.0}), 400, "logit_bias"),
