@@ -575,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nonfinite_flag(convert)
     convert.set_defaults(run=_convert, check=_check_convert)
 
-    model_help = "a directory or a Hub id (default: the embedded tiny random model, see README)"
+    model_help = (
+        "a directory or a Hub id (default: the embedded default model, trained on Python's documentation; see README)"
+    )
     generate = commands.add_parser("generate", help="sample text", description="Sample text from a causal LM.")
     generate.add_argument("prompt", nargs="*", help="prompts (default: one per line of stdin)")
     generate.add_argument("--model", help=model_help)
