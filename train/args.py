@@ -15,7 +15,7 @@ import os
 import typing
 from typing import Any
 
-from ettin_jax.config import PROBLEM_TYPES
+from ettin_jax.config import ETTIN_SIZES, PROBLEM_TYPES
 from ettin_jax.errors import EttinError
 from ettin_jax.train import metrics
 from ettin_jax.train.optim import SCHEDULES
@@ -44,8 +44,16 @@ def _arg(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) ->
 class TrainArgs:
     task: str = _arg(help="classify or lm", cli=False)  # from the subcommand
     model: str | None = _arg(
-        None, "a transformers or ettin-jax directory, or a Hub id (default: the embedded tiny model)"
+        None, "a transformers or ettin-jax directory, or a Hub id (default: the embedded default model)"
     )
+    config: str | None = _arg(
+        None,
+        "train from scratch: random weights (seeded by --seed) of this shape, an Ettin size "
+        f"({', '.join(ETTIN_SIZES)}; its vocabulary sized to the tokenizer's) or a config.json (or its "
+        "directory); needs --tokenizer, excludes --model",
+        tasks=("lm",),
+    )
+    tokenizer: str | None = _arg(None, "a tokenizer directory (default: the model's); needed with --config")
     train_file: str = _arg(help=".csv, .jsonl or .parquet")
     eval_file: str | None = _arg(None, ".csv, .jsonl or .parquet")
     text_column: str = _arg("text", "the column of texts")
@@ -136,6 +144,21 @@ class TrainArgs:
             raise TrainingError(f"--metric-for-best: {e}") from None
         if not self.metric_for_best.startswith(metrics.EVAL_PREFIX):
             self.metric_for_best = metrics.EVAL_PREFIX + self.metric_for_best  # as evaluation names it
+        if self.config is not None:
+            if self.task != "lm":
+                raise TrainingError(
+                    "--config (training from scratch) belongs to `train lm`; classify starts from --model"
+                )
+            if self.model is not None:
+                raise TrainingError("--config trains from scratch and --model starts from a checkpoint; pass one")
+            if self.tokenizer is None:
+                raise TrainingError(
+                    "--config (training from scratch) needs --tokenizer DIR, the tokenizer the new model reads"
+                )
+            if not self.config.strip():
+                raise TrainingError("--config must not be empty")
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            raise TrainingError("--tokenizer must not be empty")
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other; pass one")
 

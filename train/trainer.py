@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ettin_jax import compilation, default_model, distributed, platforms, sharding
-from ettin_jax.config import ModernBertDecoderConfig
+from ettin_jax.config import ETTIN_SIZES, ModernBertDecoderConfig
 from ettin_jax.convert import load_pretrained, resolve, save_transformers, transformers_state_dict
 from ettin_jax.files import publish, staging_dir_for, write_json, write_jsonl
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
@@ -113,7 +113,10 @@ def _check_output_dir(args: TrainArgs) -> bool:
     run_file = os.path.join(out, "run.json")
     if os.path.isdir(out) and os.listdir(out):
         if args.overwrite:
-            inputs = {"--train-file": args.train_file, "--eval-file": args.eval_file, "--model": args.model}
+            inputs = {
+                "--train-file": args.train_file, "--eval-file": args.eval_file, "--model": args.model,
+                "--config": args.config, "--tokenizer": args.tokenizer,
+            }  # fmt: skip
             for flag, path in inputs.items():
                 if path is not None and os.path.exists(path) and _inside(path, out):
                     raise TrainingError(
@@ -157,7 +160,8 @@ class Prepared:
 def prepare(args: TrainArgs) -> Prepared:
     """Reads and checks the data (before the model is touched: a bad file or column fails fast),
     then tokenizes it and loads the model with a head for its labels (sharded over `args.mesh` if
-    given). Every process reads all the data: batches are built the same everywhere, and each
+    given), or with `args.config`, a new causal LM with random weights from `args.seed`. Every
+    process reads all the data: batches are built the same everywhere, and each
     process places only its own devices' rows."""
     from transformers import AutoTokenizer
 
@@ -192,12 +196,17 @@ def prepare(args: TrainArgs) -> Prepared:
             for split, t in tables.items():
                 data.encode_labels(values[split], kind, ("LABEL_0",), paths[split], args.label_column, t.lines)
 
-    directory = default_model.path() if args.model is None else resolve(args.model)
-    config = ModernBertDecoderConfig.from_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    scratch = args.config is not None
+    directory = None if scratch else default_model.path() if args.model is None else resolve(args.model)
+    tokenizer = (
+        _load_tokenizer(args.tokenizer) if args.tokenizer is not None else AutoTokenizer.from_pretrained(directory)
+    )
+    config = _scratch_config(args.config, tokenizer) if scratch else ModernBertDecoderConfig.from_pretrained(directory)
+    _check_vocabulary(config, tokenizer, args, directory)
     pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
     if pad_id is None:
-        raise TrainingError(f"neither {directory}/config.json nor its tokenizer sets a pad token id")
+        where = f"--config {args.config}" if scratch else f"{directory}/config.json"
+        raise TrainingError(f"neither {where} nor its tokenizer sets a pad token id")
     bos, eos = config.bos_token_id, config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     max_length = min(args.max_length, config.max_position_embeddings)
@@ -209,7 +218,10 @@ def prepare(args: TrainArgs) -> Prepared:
             split: Examples(ids=list(data.pack_blocks(tokenizer, split_texts, block, bos, eos)), labels=None)
             for split, split_texts in texts.items()
         }
-        model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
+        if scratch:
+            model = _new_model(config, dtype, args.seed, mesh)
+        else:
+            model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
         return Prepared(model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id)
 
     names = _label_set(config, directory, kind, values["train"])
@@ -242,6 +254,73 @@ def prepare(args: TrainArgs) -> Prepared:
         mesh=mesh,
     )
     return Prepared(model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id)
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise TrainingError(f"--tokenizer {path} is not a directory; pass the directory that holds tokenizer.json")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for a directory without a tokenizer
+        raise TrainingError(
+            f"--tokenizer {path} holds no tokenizer that transformers loads ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _scratch_config(shape: str, tokenizer: Any) -> ModernBertDecoderConfig:
+    """The config of a model trained from scratch. An Ettin size takes its special token ids
+    from the tokenizer ([CLS] as BOS, [SEP] as EOS where it names no BOS and EOS, as Ettin's) and
+    its vocabulary from the tokenizer's size, rounded up to a multiple of 64 as Ettin's is; a
+    config.json is taken as written."""
+    if shape in ETTIN_SIZES:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if bos is None or eos is None:
+            raise TrainingError(
+                "--tokenizer names no BOS (or [CLS]) and EOS (or [SEP]) token, which every packed text starts "
+                "and ends with; add them to its special tokens, or pass a config.json as --config"
+            )
+        return ModernBertDecoderConfig.ettin(
+            shape, vocab_size=-(-len(tokenizer) // 64) * 64, bos_token_id=bos, eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+        )  # fmt: skip
+    if not os.path.exists(shape):
+        raise TrainingError(
+            f"--config {shape} is neither an Ettin size ({', '.join(ETTIN_SIZES)}) nor a config.json file or directory"
+        )
+    try:
+        return ModernBertDecoderConfig.from_pretrained(shape)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--config {shape}: {e}") from None
+
+
+def _check_vocabulary(config: ModernBertDecoderConfig, tokenizer: Any, args: TrainArgs, directory: str | None) -> None:
+    """Every id the tokenizer gives, and the config's special ids, must be rows of the embedding."""
+    source = f"--config {args.config}" if directory is None else directory
+    words = f"--tokenizer {args.tokenizer}" if args.tokenizer is not None else f"the tokenizer in {directory}"
+    if len(tokenizer) > config.vocab_size:
+        raise TrainingError(
+            f"{source} has vocab_size {config.vocab_size}, smaller than the {len(tokenizer)} tokens of {words}; "
+            "the model needs a row for every token"
+        )
+    eos = config.eos_token_id
+    for name, value in (("bos_token_id", config.bos_token_id), ("pad_token_id", config.pad_token_id),
+                        *(("eos_token_id", e) for e in (eos if isinstance(eos, tuple) else (eos,)))):  # fmt: skip
+        if value is not None and not 0 <= value < config.vocab_size:
+            raise TrainingError(f"{source} has {name} {value}, outside its vocabulary of {config.vocab_size}")
+
+
+def _new_model(config: ModernBertDecoderConfig, dtype: Any, seed: int, mesh: Any) -> Any:
+    """A causal LM with random weights from `seed`, transformers' initialisation; every process
+    builds the same one (checked), then places it on the mesh."""
+    from flax import nnx
+
+    distributed.agree("config", distributed.fingerprint(json.dumps(config.to_dict(), sort_keys=True), seed))
+    model = ModernBertDecoderForCausalLM(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    return model if mesh is None else sharding.shard_model(model, mesh)
 
 
 def _check_metric(args: TrainArgs, kind: str, names: tuple[str, ...] | None = None) -> None:
