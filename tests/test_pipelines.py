@@ -91,7 +91,8 @@ def test_text_classification_matches_torch(classifier_dir):
             probs = torch.softmax(reference(torch.tensor([ids])).logits[0], -1).numpy()
         assert result["label"] == reference.config.id2label[int(np.argmax(probs))]
         assert abs(result["score"] - float(probs.max())) < 1e-5
-    assert pipe("good") == out[:1]
+    alone = pipe("good")  # in a batch of its own: the same label, the score within float32 noise
+    assert alone[0]["label"] == out[0]["label"] and abs(alone[0]["score"] - out[0]["score"]) < 1e-6
     # Other texts of lengths in the same buckets run the compiled program again.
     compiled = pipelines._probabilities._cache_size()
     pipe(["bad", "a rather longer text here", "so so"])
