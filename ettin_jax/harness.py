@@ -52,10 +52,12 @@ class EttinLM(TemplateLM):
 
     `add_bos_token` and `prefix_token_id` mean what they mean to the harness's `hf` backend
     (None: the tokenizer's own special tokens; the Ettin paper evaluated with
-    `add_bos_token=True`). `batch_size`: requests per forward pass when given, else as many as
-    `max_batch_tokens` tokens hold; for `generate_until`, decode slots. `max_length`: the most
-    tokens a request reads (default: the model's context). Further keyword arguments (`dtype`,
-    `quantization`, `mesh`, ...) go to `from_pretrained`."""
+    `add_bos_token=True`). `batch_size`: requests per batch when given (a batch takes all the
+    requests of a shared context, so it may hold more), else as many as `max_batch_tokens` tokens
+    hold ("auto" too; `max_batch_size`, the cap of the harness's own search, is not needed); for
+    `generate_until`, decode slots. `max_length`: the most tokens a request reads (default: the
+    model's context). `seed`: a sampled `generate_until` request draws with seed + its index.
+    Further keyword arguments (`dtype`, `quantization`, `mesh`, ...) go to `from_pretrained`."""
 
     def __init__(
         self,

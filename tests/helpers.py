@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,3 +79,16 @@ def attention_inputs(t: int, n: int, h: int, dtype, *, left: int, right: int, sp
     segments[1, split:] = 1
     spec = MaskSpec(jnp.broadcast_to(jnp.arange(t), (2, t)), jnp.asarray(valid), jnp.asarray(segments))
     return q, k, v, spec, valid
+
+
+def run_records(out: str) -> list[dict]:
+    """A training run's metrics.jsonl records."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def exported_params(directory: str) -> dict[str, np.ndarray]:
+    """The tensors of a transformers-format model directory."""
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(directory, "model.safetensors"))

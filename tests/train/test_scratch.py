@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import transformers
-from helpers import TINY
+from helpers import TINY, exported_params, run_records
 from textdata import FILLER, word_tokenizer, write_rows, xor_rows
 
 import ettin_jax as ej
@@ -40,29 +40,18 @@ def _args(inputs, tmp_path, **changes) -> TrainArgs:
     return TrainArgs(**{**defaults, **changes})
 
 
-def _records(out: str) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _params(directory: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(os.path.join(directory, "model.safetensors"))
-
-
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory):
     """One uninterrupted run from scratch: (args, final params)."""
     args = _args(inputs, tmp_path_factory.mktemp("scratch-reference"))
     summary = train(args)
     assert summary["status"] == "finished" and summary["step"] == 24
-    return args, _params(os.path.join(args.output_dir, "final"))
+    return args, exported_params(os.path.join(args.output_dir, "final"))
 
 
 def test_learns_from_random_weights_and_exports_a_transformers_model(reference):
     args, _ = reference
-    losses = [r["loss"] for r in _records(args.output_dir)]
+    losses = [r["loss"] for r in run_records(args.output_dir)]
     # From about uniform over the 128 rows to below uniform over the 40 filler words (most tokens).
     assert losses[0] > 0.9 * np.log(TINY["vocab_size"]) and losses[-1] < np.log(len(FILLER))
     final = os.path.join(args.output_dir, "final")
@@ -104,7 +93,7 @@ def test_a_stopped_run_resumes_to_identical_params(inputs, tmp_path, reference):
     assert saved["config"] == inputs["config"] and saved["tokenizer"] == inputs["tokenizer"]
     args.resume = True
     assert train(args)["step"] == 24
-    params = _params(os.path.join(args.output_dir, "final"))
+    params = exported_params(os.path.join(args.output_dir, "final"))
     assert params.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(params[name], expected[name], err_msg=name)

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import exported_params, run_records
 from textdata import write_rows, xor_rows
 
 from ettin_jax.train import PREEMPTED_EXIT, DataError, TrainArgs, TrainingError, train
@@ -40,23 +41,12 @@ def _args(word_model, tmp_path, **changes) -> TrainArgs:
     return TrainArgs(**{**defaults, **changes})
 
 
-def _records(out: str) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _params(directory: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(os.path.join(directory, "model.safetensors"))
-
-
 def test_learns_a_task_decided_by_words_far_apart(word_model, tmp_path):
     """The label is the XOR of the first and last word, 4-9 tokens apart (beyond the 4-token
     window): only the global layers can combine them. Chance is 50%."""
     args = _args(word_model, tmp_path)
     summary = train(args)
-    evals = [r for r in _records(args.output_dir) if "eval_accuracy" in r]
+    evals = [r for r in run_records(args.output_dir) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [40, 80, 120]
     assert evals[-1]["eval_accuracy"] >= 0.95, evals
     assert summary["best"]["step"] == min(evals, key=lambda r: r["eval_loss"])["step"]
@@ -108,7 +98,7 @@ def reference(word_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     args = _args(word_model, tmp, max_steps=10, save_steps=4, batch_size=4, grad_accum=2, log_steps=1)
     train(args)
-    return args, _params(os.path.join(args.output_dir, "final")), _records(args.output_dir)
+    return args, exported_params(os.path.join(args.output_dir, "final")), run_records(args.output_dir)
 
 
 @pytest.mark.parametrize("how", ["crash", "sigterm"])
@@ -137,11 +127,11 @@ def test_stopped_run_resumes_to_identical_params(word_model, tmp_path, reference
     args.resume = True
     summary = train(args)
     assert summary["status"] == "finished" and summary["step"] == 10
-    params = _params(os.path.join(args.output_dir, "final"))
+    params = exported_params(os.path.join(args.output_dir, "final"))
     assert params.keys() == ref_params.keys()
     for key in params:
         np.testing.assert_array_equal(params[key], ref_params[key], err_msg=key)
-    assert _records(args.output_dir) == ref_records
+    assert run_records(args.output_dir) == ref_records
 
 
 def test_resume_refuses_changed_arguments(word_model, tmp_path, reference):
@@ -259,7 +249,7 @@ def test_cli_multi_label_regression_and_lm(word_model, tmp_path, capsys):
         out = str(tmp_path / f"out-{name}")
         argv = ["train", *extra, "--train-file", files[name], "--eval-file", files[name], "--output-dir", out]
         assert _cli(*argv, *common) == 0
-        record = _records(out)[-1]
+        record = run_records(out)[-1]
         assert record["step"] == 4 and np.isfinite(record[metric]), record
         with open(os.path.join(out, "final", "config.json")) as f:
             config = json.load(f)
