@@ -14,7 +14,7 @@ from typing import Any
 
 
 def home() -> str:
-    """Where ettin-jax keeps what it makes for itself (the default model, compiled programs):
+    """Where ettin-jax keeps what it makes for itself (compiled programs):
     `$ETTIN_JAX_HOME`, default `~/.cache/ettin-jax`."""
     return os.environ.get("ETTIN_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ettin-jax")
 

@@ -61,7 +61,7 @@ def causal_pair(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_home(tmp_path_factory):
-    """ETTIN_JAX_HOME in a temporary directory, so the default model is built fresh, once."""
+    """ETTIN_JAX_HOME in a temporary directory, so that nothing a test makes (compiled programs) lands in the real home."""
     import os
 
     home = str(tmp_path_factory.mktemp("ettin-home"))

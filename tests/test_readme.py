@@ -38,7 +38,7 @@ def test_readme_examples_run_as_printed(tmp_path):
         "bash", "python", "python", "python", "python", "python", "python", "bash", "python", "bash", "bash", "python",
         "bash", "bash",
     ]  # fmt: skip
-    env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # the default model, built fresh
+    env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # nothing in the real home
     # The first block makes tiny-ettin and builds the default model. The rest only read those and
     # form two chains that share no file, run side by side, each in the README's order: one has
     # tiny-ettin's examples, the server's and the mesh example; the other the pipelines, the
