@@ -72,12 +72,17 @@ def _batches(
         start += len(group)
 
 
-def _run(program: Any, model: Any, rows: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None = None,
-         **static: Any) -> tuple[np.ndarray, ...]:  # fmt: skip
-    """`program(graphdef, state, *rows, *shared, **static)` on the model's mesh (if any), `rows`
-    split over its batch axes and `shared` replicated; host results."""
+def _split(model: Any) -> tuple[Any, Any, Any]:
+    """(graphdef, state, mesh or None): the model taken apart once for all of a call's batches."""
     graphdef, state = nnx.split(model)
-    mesh = sharding.mesh_of(state)
+    return graphdef, state, sharding.mesh_of(state)
+
+
+def _run(program: Any, split: tuple[Any, Any, Any], rows: dict[str, np.ndarray],
+         shared: dict[str, np.ndarray] | None = None, **static: Any) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """`program(graphdef, state, *rows, *shared, **static)` for a `_split` model, on its mesh (if
+    any): `rows` split over its batch axes and `shared` replicated; host results."""
+    graphdef, state, mesh = split
     with sharding.activate(mesh):
         rows, shared = _place(mesh, rows, shared or {})
         return tuple(map(sharding.to_host, program(graphdef, state, *rows.values(), *shared.values(), **static)))
@@ -125,7 +130,8 @@ def token_logprobs(
     return at each place. A sequence must hold at most `max_position_embeddings` tokens."""
     sequences = _token_lists(model, sequences, "sequences")
     max_batch_tokens = integer(max_batch_tokens, "max_batch_tokens", 1, errors=ERRORS)
-    ways = sharding.batch_ways(sharding.mesh_of(nnx.state(model)))
+    split = _split(model)
+    ways = sharding.batch_ways(split[2])
     results: list[SequenceLogprobs | None] = [None] * len(sequences)
     context = model.config.max_position_embeddings
     for group, width, batch in _batches([len(s) for s in sequences], max_batch_tokens, ways, context):
@@ -134,7 +140,7 @@ def token_logprobs(
         for row, i in enumerate(group):
             ids[row, : len(sequences[i])] = sequences[i]
             valid[row, : len(sequences[i])] = True
-        chosen, top_ids, values = _run(_token_program, model, {"ids": ids, "valid": valid}, top=top)
+        chosen, top_ids, values = _run(_token_program, split, {"ids": ids, "valid": valid}, top=top)
         for row, i in enumerate(group):
             n = len(sequences[i]) - 1
             results[i] = SequenceLogprobs(chosen[row, :n], top_ids[row, :n], values[row, :n])
@@ -286,7 +292,8 @@ def loglikelihood(
     keys = list(contexts)
     members = [contexts[k] for k in keys]
     tails = [[continuations[i][:-1] for i in m] for m in members]
-    ways = sharding.batch_ways(sharding.mesh_of(nnx.state(model)))
+    split = _split(model)
+    ways = sharding.batch_ways(split[2])
     context = model.config.max_position_embeddings
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     for group in _context_batches([list(k) for k in keys], tails, max_batch_tokens, batch_size, context):
@@ -320,7 +327,7 @@ def loglikelihood(
                 owners[at : at + k] = row
                 row, at = row + 1, at + k
         chunk = min(HEAD_CHUNK, scored)  # both powers of two
-        chosen, greedy = (x.reshape(-1) for x in _run(_loglikelihood_program, model, arrays, indices, chunk=chunk))
+        chosen, greedy = (x.reshape(-1) for x in _run(_loglikelihood_program, split, arrays, indices, chunk=chunk))
         # Summed on the host in float64: a long document's thousands of terms would otherwise
         # carry float32's rounding.
         sums = np.bincount(owners, weights=chosen.astype(np.float64), minlength=rows + 1)
