@@ -63,15 +63,11 @@ def _finite(args: argparse.Namespace, *names: str) -> None:
 def _read_text(flag: str, path: str) -> str:
     """The UTF-8 text of the file a flag names; a one-line error naming both otherwise."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        return files.read_text(path)
     except OSError as e:
         raise CommandError(f"{flag} {path}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise CommandError(f"{flag} {path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except files.NotTextError as e:
+        raise CommandError(f"{flag} {e}") from None
 
 
 def _stdin_lines() -> Iterator[str]:

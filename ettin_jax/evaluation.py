@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ettin_jax import scoring
+from ettin_jax import files, scoring
 from ettin_jax.errors import EttinError
 
 
@@ -77,13 +77,7 @@ def read_texts(path: str | os.PathLike, column: str = "text") -> list[str]:
     """The texts of a file: a .jsonl file's `column` of each line (an object), any other file's
     whole UTF-8 text as one."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise TextFileError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = files.read_text(path)
     if not path.endswith(".jsonl"):
         return [text]
     texts = []

@@ -1,7 +1,8 @@
 """Writing files so that nothing a user made is lost: every file is written under a temporary
 name beside its destination and renamed into place, and a directory is built in a staging
 directory and published by one rename. A crash leaves either the old output or the new one,
-never half of either. Conversion, the CLI and the trainer all write through here."""
+never half of either. Conversion, the CLI and the trainer all write through here. And
+`read_text` reads a UTF-8 text file, naming the line of any byte that is not UTF-8."""
 
 from __future__ import annotations
 
@@ -12,11 +13,29 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from ettin_jax.errors import EttinError
+
+
+class NotTextError(EttinError, ValueError):
+    """A file that is not UTF-8 text; the message names the file and the line."""
+
 
 def home() -> str:
     """Where ettin-jax keeps what it makes for itself (compiled programs):
     `$ETTIN_JAX_HOME`, default `~/.cache/ettin-jax`."""
     return os.environ.get("ETTIN_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ettin-jax")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A file's UTF-8 text; bytes that are not UTF-8 are a `NotTextError` naming the file and
+    the line they are on."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise NotTextError(f"{os.fspath(path)}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _umask() -> int:
