@@ -24,7 +24,7 @@ import platform
 import tempfile
 
 import numpy as np
-from common import cpu_model, measure_alternating, report
+from common import cpu_model, eos_biased_checkpoint, measure_alternating, report
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -47,17 +47,9 @@ def workload(args) -> list[tuple[tuple[str, str], list[int], list[int]]]:
 
 def checkpoint(size: str, directory: str) -> None:
     """A transformers causal LM of the Ettin `size` shape, random weights (seed 0), and a tokenizer."""
-    import torch
-    import transformers
-
-    import ettin_jax as ej
     from ettin_jax import default_model
 
-    config = ej.ModernBertDecoderConfig.ettin(size)
-    torch.manual_seed(0)
-    transformers.ModernBertDecoderForCausalLM(
-        transformers.ModernBertDecoderConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
-    ).eval().save_pretrained(directory)
+    eos_biased_checkpoint(size, 0.0, directory)  # no bias: scoring never samples
     default_model.byte_tokenizer().save_pretrained(directory)  # only its special ids matter here
 
 
