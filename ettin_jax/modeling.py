@@ -64,7 +64,7 @@ class CausalLMOutput:
 
 @flax.struct.dataclass
 class SequenceClassifierOutput:
-    logits: Array  # (B, L), pooled at the rightmost token that is not padding
+    logits: Array  # (B, L), pooled at the rightmost token that is not padding; (B, S, L) with pool_positions
     loss: Array | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[Array, ...] | None = None
@@ -556,28 +556,54 @@ class ModernBertDecoderForSequenceClassification(nnx.Module, PretrainedMixin):
         output_hidden_states: bool = False,
         deterministic: bool = True,
         segment_ids: Array | None = None,
+        pool_positions: Array | None = None,
     ) -> SequenceClassifierOutput:
         """As transformers' forward: logits pooled at each row's rightmost token that is not
-        `pad_token_id` (right for left and right padding alike)."""
+        `pad_token_id` (right for left and right padding alike).
+
+        `pool_positions` (B, S) sequence indices, for rows that pack S examples (`segment_ids`
+        and `position_ids` tell them apart): each example is pooled at its own last token, and
+        the logits are (B, S, L). Not with `labels`: which slots hold an example is the caller's."""
         input_ids, attention_mask, position_ids, inputs_embeds, segment_ids = check_inputs(
             self.config, input_ids, attention_mask, position_ids, inputs_embeds, segment_ids, past_length=None
         )
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         pad = self.config.pad_token_id
-        if pad is None and batch > 1:
+        if pool_positions is not None:
+            last = _pool_positions(pool_positions, batch, length)  # (B, S)
+            if labels is not None:
+                raise InputError("labels cannot be combined with pool_positions; compute the loss from the logits")
+        elif pad is None and batch > 1:
             raise InputError("pad_token_id is not set in the config, so padded rows cannot be pooled; use batch size 1")
-        if input_ids is None or pad is None:
-            last = jnp.full((batch,), length - 1)
+        elif input_ids is None or pad is None:
+            last = jnp.full((batch, 1), length - 1)
         else:
-            last = jnp.argmax(jnp.arange(length) * (input_ids != pad), axis=-1)
-        # The head runs on every position in transformers; only the pooled one is needed, so
-        # unless every token's state is asked for, the last layer computes that token alone.
-        rows = None if output_hidden_states or output_attentions else last[:, None]
+            last = jnp.argmax(jnp.arange(length) * (input_ids != pad), axis=-1)[:, None]
+        # The head runs on every position in transformers; only the pooled ones are needed, so
+        # unless every token's state is asked for, the last layer computes those tokens alone.
+        rows = None if output_hidden_states or output_attentions else last
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_attentions,
             output_hidden_states, deterministic, segment_ids, rows=rows,
         )  # fmt: skip
-        h = out.last_hidden_state if rows is not None else take_rows(out.last_hidden_state, last[:, None])
-        pooled = self.classifier(_drop(self.drop, self.head(h), deterministic))[:, 0]  # (B, L)
+        h = out.last_hidden_state if rows is not None else take_rows(out.last_hidden_state, last)
+        pooled = self.classifier(_drop(self.drop, self.head(h), deterministic))  # (B, S, L)
+        if pool_positions is None:
+            pooled = pooled[:, 0]  # (B, L)
         loss = None if labels is None else classification_loss(self.config, pooled, labels)
         return SequenceClassifierOutput(pooled, loss, out.past_key_values, out.hidden_states, out.attentions)
+
+
+def _pool_positions(positions: Any, batch: int, length: int) -> Array:
+    """`pool_positions` checked: integers of shape (B, S) inside the row."""
+    positions = jnp.asarray(positions)
+    if positions.ndim != 2 or positions.shape[0] != batch or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise InputError(
+            f"pool_positions must be integers of shape (batch={batch}, S), got {positions.dtype} of shape "
+            f"{tuple(positions.shape)}"
+        )
+    values = concrete(positions)
+    if values is not None and values.size and (values.min() < 0 or values.max() >= length):
+        raise InputError(f"pool_positions must lie in [0, {length}), got values from {values.min()} to {values.max()}")
+    return positions.astype(jnp.int32)
+

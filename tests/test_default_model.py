@@ -58,7 +58,7 @@ def test_held_out_perplexity_is_far_below_uniform():
     with open(os.path.join(directory, "heldout-sample.txt"), encoding="utf-8") as f:
         paragraphs = f.read().strip().split("\n\n")
     config = model.config
-    blocks = pack_blocks(tokenizer, paragraphs, 128, config.bos_token_id, config.eos_token_id)[:8]
+    blocks = pack_blocks(tokenizer, paragraphs, 128, config.bos_token_id, config.eos_token_id)[0][:8]
     assert len(blocks) == 8  # a thousand tokens of text the model never saw
     perplexity = math.exp(float(model(input_ids=blocks, labels=blocks).loss))
     assert np.isfinite(perplexity) and perplexity < config.vocab_size / 10, perplexity

@@ -22,6 +22,7 @@ from ettin_jax.train.optim import SCHEDULES
 
 TRAIN_TASKS = ("classify", "lm")  # the train subcommands
 DTYPES = ("float32", "bfloat16")
+STRATEGIES = ("steps", "epoch")  # when to evaluate and to save
 
 # Arguments that may differ between a run and its resumption; every other one must match.
 # A run may resume on another mesh or number of processes (orbax restores to the new
@@ -78,12 +79,28 @@ class TrainArgs:
     max_grad_norm: float | None = _arg(1.0, "global-norm clipping; 0 turns it off")
     grad_accum: int = _arg(1, "micro-batches per optimizer step")
     seed: int = _arg(0, "seeds the new head, the data order and dropout")
-    save_steps: int = _arg(500, "steps between checkpoints")
-    eval_steps: int | None = _arg(None, "steps between evaluations (default: --save-steps)")
+    save_steps: int = _arg(500, "steps between checkpoints (with --save-strategy steps)")
+    eval_steps: int | None = _arg(None, "steps between evaluations (default: --save-steps; with --eval-strategy steps)")
+    save_strategy: str = _arg("steps", "checkpoint every --save-steps steps, or at the end of every epoch",
+                              choices=STRATEGIES)  # fmt: skip
+    eval_strategy: str = _arg("steps", "evaluate every --eval-steps steps, or at the end of every epoch",
+                              choices=STRATEGIES)  # fmt: skip
+    early_stopping_patience: int | None = _arg(
+        None, "stop after this many evaluations in a row without a better --metric-for-best (needs --eval-file)"
+    )
+    load_best_model_at_end: bool = _arg(
+        False, "final/ holds the best checkpoint's model, by --metric-for-best, not the last step's (needs --eval-file)"
+    )
     save_total_limit: int = _arg(2, "latest checkpoints kept (plus the best)")
     metric_for_best: str = _arg("eval_loss", "the eval metric that picks the best checkpoint")
     max_length: int = _arg(512, "longer texts are truncated (and counted)", tasks=("classify",))
     block_size: int = _arg(512, "tokens per packed training block", tasks=("lm",))
+    pack: bool = _arg(
+        False,
+        "pack several training examples into each row of --max-length tokens, kept apart by segment ids; "
+        "--batch-size then counts packed rows",
+        tasks=("classify",),
+    )
     dtype: str = _arg("float32", "compute dtype (the master weights stay float32)", choices=DTYPES)
     remat: bool = _arg(False, "recompute each layer in the backward pass")
     log_steps: int = _arg(10, "steps between training-loss records")
@@ -115,7 +132,7 @@ class TrainArgs:
         if (self.epochs is None) == (self.max_steps is None):
             raise TrainingError("give exactly one of --epochs and --max-steps")
         for name in ("epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "save_steps",
-                     "eval_steps", "save_total_limit", "log_steps"):  # fmt: skip
+                     "eval_steps", "save_total_limit", "log_steps", "early_stopping_patience"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"{_flag(name)} must be >= 1, got {value}")
@@ -159,6 +176,9 @@ class TrainArgs:
                 raise TrainingError("--config must not be empty")
         if self.tokenizer is not None and not self.tokenizer.strip():
             raise TrainingError("--tokenizer must not be empty")
+        for name in ("early_stopping_patience", "load_best_model_at_end"):
+            if getattr(self, name) and self.eval_file is None:
+                raise TrainingError(f"{_flag(name)} picks by --metric-for-best on the evaluation set: pass --eval-file")
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other; pass one")
 

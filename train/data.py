@@ -370,6 +370,7 @@ class Examples:
     ids: list[np.ndarray]
     labels: np.ndarray | None
     truncated: int = 0
+    segments: list[np.ndarray] | None = None  # packed causal-LM blocks: each row's segment ids
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -393,19 +394,33 @@ def tokenize_pairs(
     return out, truncated
 
 
-def pack_blocks(tokenizer: Any, texts: Sequence[str], block_size: int, bos: int | None, eos: int | None) -> np.ndarray:
+def pack_blocks(
+    tokenizer: Any, texts: Sequence[str], block_size: int, bos: int | None, eos: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Causal-LM packing as transformers' run_clm does it: every text as BOS + tokens + EOS,
-    concatenated and cut into (N, block_size) blocks; the remainder is dropped."""
+    concatenated and cut into (N, block_size) blocks; the remainder is dropped. Returns the
+    blocks and their (N, block_size) segment ids: each text's piece of a block is a segment of
+    its own, numbered from 0 in each block, so that no token attends across a text's boundary."""
     encoded = tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
     stream: list[int] = []
+    lengths = []
     for ids in encoded:
-        stream.extend(padding.with_bos(ids, bos))
-        if eos is not None:
-            stream.append(eos)
+        ids = padding.with_bos(ids, bos) + ([] if eos is None else [eos])
+        stream.extend(ids)
+        lengths.append(len(ids))
     blocks = len(stream) // block_size
     if blocks == 0:
         raise DataError(f"the texts hold {len(stream)} tokens, fewer than one block of {block_size}")
-    return np.asarray(stream[: blocks * block_size], np.int32).reshape(blocks, block_size)
+    cut = blocks * block_size
+    text = np.repeat(np.arange(len(lengths)), lengths)[:cut].reshape(blocks, block_size)  # which text each token is
+    return np.asarray(stream[:cut], np.int32).reshape(blocks, block_size), (text - text[:, :1]).astype(np.int32)
+
+
+def positions_of(segments: np.ndarray) -> np.ndarray:
+    """Position ids that restart at 0 where each segment starts: (..., T) -> (..., T)."""
+    index = np.broadcast_to(np.arange(segments.shape[-1]), segments.shape)
+    starts = np.concatenate([np.ones_like(segments[..., :1], bool), segments[..., 1:] != segments[..., :-1]], axis=-1)
+    return (index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)).astype(np.int32)
 
 
 # ---- batching -----------------------------------------------------------------------------
@@ -415,7 +430,9 @@ class Batches:
     Training (`shuffle=True`): epoch e is the permutation of (seed, e); the last incomplete batch
     of an epoch is dropped, so every batch has the same number of rows. Evaluation
     (`shuffle=False`): every row once, in order; the last batch is filled with padding rows whose
-    labels are ignored, and `rows` says how many are real.
+    labels are ignored, and `rows` says how many are real. Packed causal-LM blocks (examples
+    with `segments`) also carry `segment_ids` and `position_ids`, and the first token of each
+    segment is no target: nothing before it in the block belongs to its text.
     """
 
     def __init__(
@@ -443,6 +460,10 @@ class Batches:
         self.rows = rows
         self.num_batches = len(examples) // rows if shuffle else math.ceil(len(examples) / rows)
 
+    def count(self, epoch: int) -> int:
+        """The number of batches in `epoch`."""
+        return self.num_batches
+
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.examples))
@@ -459,24 +480,117 @@ class Batches:
         for r, row in enumerate(ids):
             input_ids[r, : len(row)] = row
             mask[r, : len(row)] = 1
+        out = {"input_ids": input_ids, "attention_mask": mask}
         if self.examples.labels is None:  # causal LM: predict the next token, not padding
             labels = np.where(mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+            if self.examples.segments is not None:  # packed blocks: every row full, no padding
+                out["segment_ids"] = np.zeros((self.rows, length), np.int32)
+                out["segment_ids"][: len(chosen)] = [self.examples.segments[i] for i in chosen]
+                out["position_ids"] = positions_of(out["segment_ids"])
+                labels[:, 1:][out["position_ids"][:, 1:] == 0] = IGNORE_INDEX
         else:
             real = self.examples.labels[chosen]
             labels = np.zeros((self.rows, *real.shape[1:]), real.dtype)
             if real.dtype == np.int32:
                 labels[:] = IGNORE_INDEX
             labels[: len(real)] = real
-        k = self.grad_accum
-        stacked = {
-            "input_ids": input_ids.reshape(k, self.micro_batch, length),
-            "attention_mask": mask.reshape(k, self.micro_batch, length),
-            "labels": labels.reshape(k, self.micro_batch, *labels.shape[1:]),
-        }
-        return stacked, len(chosen)
+        out["labels"] = labels
+        return _stack(out, self.grad_accum), len(chosen)
 
     def epoch(self, epoch: int, start: int = 0):
         """Batches start, start + 1, ... of an epoch."""
         order = self.order(epoch)
-        for index in range(start, self.num_batches):
+        for index in range(start, self.count(epoch)):
             yield self.batch(epoch, index, order)
+
+
+def _stack(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """(K * B, ...) arrays as K stacked micro-batches (K, B, ...)."""
+    return {name: x.reshape(k, x.shape[0] // k, *x.shape[1:]) for name, x in batch.items()}
+
+
+class PackedBatches(Batches):
+    """Training batches of rows that each pack several examples (`train classify --pack`).
+
+    Epoch e lays the permutation of (seed, e) into rows of at most `max_length` tokens, each
+    example into the first of the last `OPEN_ROWS` rows it fits in (so that rows fill up while
+    the order stays random), then cuts the rows into batches of `micro_batch` x `grad_accum`
+    rows; the last incomplete batch is dropped. A batch holds `input_ids`, `attention_mask`,
+    `segment_ids` and `position_ids` (K, B, T); `pool_positions` (K, B, S), each example's last
+    token; `labels` (K, B, S, ...) and `slots` (K, B, S), 1.0 where a slot holds an example.
+    S, the examples in the fullest row, is rounded up to a power of two, T to a bucket.
+    """
+
+    OPEN_ROWS = 8
+
+    def __init__(self, examples: Examples, micro_batch: int, pad_id: int, max_length: int, *, grad_accum: int = 1,
+                 seed: int = 0):  # fmt: skip
+        super().__init__(examples, micro_batch, pad_id, max_length, grad_accum=grad_accum, seed=seed, shuffle=True)
+        for row, ids in enumerate(examples.ids, 1):
+            if len(ids) > max_length:
+                raise DataError(
+                    f"example {row} has {len(ids)} tokens, more than --max-length {max_length}: --pack puts whole "
+                    "examples in rows of --max-length tokens. Raise --max-length, or train without --pack, which "
+                    "truncates"
+                )
+        self._plans: dict[int, list[list[int]]] = {}
+        if self.count(0) == 0:
+            raise DataError(
+                f"the training set packs into {len(self.plan(0))} rows of {max_length} tokens, fewer than one batch "
+                f"of {self.rows} (batch size {micro_batch} x gradient accumulation {grad_accum})"
+            )
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The rows of `epoch`, each a list of example indices."""
+        if epoch not in self._plans:
+            self._plans = {epoch: self._pack(self.order(epoch))}  # one epoch is read at a time
+        return self._plans[epoch]
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        rows: list[list[int]] = []
+        room: list[int] = []  # free tokens of each row
+        for i in order.tolist():
+            n = len(self.examples.ids[i])
+            first = max(0, len(rows) - self.OPEN_ROWS)
+            row = next((r for r in range(first, len(rows)) if room[r] >= n), None)
+            if row is None:
+                rows.append([])
+                room.append(self.max_length)
+                row = len(rows) - 1
+            rows[row].append(i)
+            room[row] -= n
+        return rows
+
+    def count(self, epoch: int) -> int:
+        return len(self.plan(epoch)) // self.rows
+
+    def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+        rows = self.plan(epoch)[index * self.rows : (index + 1) * self.rows]
+        ids = self.examples.ids
+        length = padding.bucket(max(sum(len(ids[i]) for i in row) for row in rows), maximum=self.max_length)
+        slots = padding.bucket(max(len(row) for row in rows), minimum=1)
+        shape = (self.rows, length)
+        input_ids, mask = np.full(shape, self.pad_id, np.int32), np.zeros(shape, np.int32)
+        segment_ids = np.full(shape, slots, np.int32)  # padding: a segment no example has
+        pool = np.zeros((self.rows, slots), np.int32)
+        labels = self.examples.labels
+        out_labels = np.zeros((self.rows, slots, *labels.shape[1:]), labels.dtype)
+        if labels.dtype == np.int32:
+            out_labels[:] = IGNORE_INDEX
+        filled = np.zeros((self.rows, slots), np.float32)
+        for r, row in enumerate(rows):
+            at = 0
+            for s, i in enumerate(row):
+                n = len(ids[i])
+                input_ids[r, at : at + n] = ids[i]
+                mask[r, at : at + n] = 1
+                segment_ids[r, at : at + n] = s
+                pool[r, s] = at + n - 1
+                out_labels[r, s] = labels[i]
+                filled[r, s] = 1.0
+                at += n
+        batch = {
+            "input_ids": input_ids, "attention_mask": mask, "segment_ids": segment_ids,
+            "position_ids": positions_of(segment_ids), "pool_positions": pool, "labels": out_labels, "slots": filled,
+        }  # fmt: skip
+        return _stack(batch, self.grad_accum), int(filled.sum())

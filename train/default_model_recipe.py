@@ -210,14 +210,15 @@ def export(source: Path, dest: Path) -> None:
 
 def held_out_perplexity(model_dir: Path, texts: list[str], block_size: int) -> tuple[float, int]:
     """exp(mean token loss) over the held-out texts packed as in training (BOS + text + EOS,
-    blocks of `block_size`), and the number of tokens scored."""
+    blocks of `block_size`), and the number of tokens scored. The blocks are read whole, texts
+    attending across their boundaries, as for the model card's figure."""
     import jax
     from transformers import AutoTokenizer
 
     model = ModernBertDecoderForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = model.config
-    blocks = pack_blocks(tokenizer, texts, block_size, config.bos_token_id, config.eos_token_id)
+    blocks, _ = pack_blocks(tokenizer, texts, block_size, config.bos_token_id, config.eos_token_id)
     loss = jax.jit(lambda ids: model(input_ids=ids, labels=ids).loss)  # the mean over B * (T - 1) tokens
     total, tokens = 0.0, 0
     for start in range(0, len(blocks) - 7, 8):  # whole batches of 8 blocks: one compiled shape

@@ -107,8 +107,25 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed
     )
 
 
+# What a packed batch adds to `input_ids` and `attention_mask` (train.data): each token's segment
+# and its position in it; for packed classifier rows, where each example ends.
+_PACKED = ("segment_ids", "position_ids", "pool_positions")
+
+
 def _forward(model: nnx.Module, batch: dict[str, Array], deterministic: bool) -> Array:
-    return model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic).logits
+    packed = {name: batch[name] for name in _PACKED if name in batch}
+    return model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic, **packed).logits
+
+
+def _row_losses(task: str, logits: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
+    """Per-item loss sums and counts of a micro-batch: per row, or per slot of packed classifier
+    rows (logits (B, S, L)), where an empty slot counts for nothing."""
+    if "slots" not in batch:
+        return row_losses(task, logits, batch["labels"])
+    labels = batch["labels"]
+    sums, counts = row_losses(task, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, *labels.shape[2:]))
+    slots = batch["slots"].reshape(-1)
+    return sums * slots, counts * slots
 
 
 def seeded(rest: Any, rng: Array) -> Any:
@@ -129,7 +146,7 @@ def loss_sum(
 ) -> tuple[Array, Array]:
     """(summed loss, item count) of one micro-batch; differentiable in `params`."""
     model = nnx.merge(graphdef, params, rest if deterministic else seeded(rest, rng))
-    sums, counts = row_losses(task, _forward(model, batch, deterministic), batch["labels"])
+    sums, counts = _row_losses(task, _forward(model, batch, deterministic), batch)
     return jnp.sum(sums), jnp.sum(counts)
 
 

@@ -8,10 +8,11 @@ An output directory holds one run:
     metrics.png     loss and metric curves
     final/, best/   the final and the best model in transformers format, with the tokenizer
 
-Checkpoints are written asynchronously every `save_steps` and at every evaluation; the last
-`save_total_limit` and the best by `metric_for_best` are kept. SIGTERM (a pod's preemption
-notice) finishes the current step, writes a checkpoint and exits with status 143; `--resume`
-then continues exactly where the run stopped.
+Checkpoints are written asynchronously every `save_steps` (or at each epoch's end) and at every
+evaluation (every `eval_steps`, or at each epoch's end); the last `save_total_limit` and the best
+by `metric_for_best` are kept. `early_stopping_patience` ends the run after that many evaluations
+without a better best. SIGTERM (a pod's preemption notice) finishes the current step, writes a
+checkpoint and exits with status 143; `--resume` then continues exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ettin_jax.files import publish, staging_dir_for, write_json, write_jsonl
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
 from ettin_jax.train import data, metrics, steps
 from ettin_jax.train.args import TrainArgs, TrainingError
-from ettin_jax.train.data import Batches, Examples
+from ettin_jax.train.data import Batches, Examples, PackedBatches
 from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 log = logging.getLogger("ettin_jax.train")
@@ -214,10 +215,10 @@ def prepare(args: TrainArgs) -> Prepared:
 
     if args.task == "lm":
         block = min(args.block_size, config.max_position_embeddings)
-        examples = {
-            split: Examples(ids=list(data.pack_blocks(tokenizer, split_texts, block, bos, eos)), labels=None)
-            for split, split_texts in texts.items()
-        }
+        examples = {}
+        for split, split_texts in texts.items():
+            blocks, segments = data.pack_blocks(tokenizer, split_texts, block, bos, eos)
+            examples[split] = Examples(ids=list(blocks), labels=None, segments=list(segments))
         if scratch:
             model = _new_model(config, dtype, args.seed, mesh)
         else:
@@ -351,10 +352,7 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     # before its first step removes what it wrote, so the corrected command runs as it is.
     resuming = _check_output_dir(args)
     prepared = prepared or prepare(args)
-    train_batches = Batches(
-        prepared.train, args.batch_size, prepared.pad_id, args.max_length if args.task == "classify" else args.block_size,
-        grad_accum=args.grad_accum, seed=args.seed, shuffle=True,
-    )  # fmt: skip
+    train_batches = _train_batches(args, prepared)
     created = _create_output_dir(args, resuming)
     stepped: list[int] = []  # the steps this call has run with a finite loss
     try:
@@ -365,6 +363,24 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
         raise
 
 
+def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
+    if args.pack:
+        batches = PackedBatches(
+            prepared.train,
+            args.batch_size,
+            prepared.pad_id,
+            args.max_length,
+            grad_accum=args.grad_accum,
+            seed=args.seed,
+        )
+        rows = batches.plan(0)
+        log.info("--pack: %d examples in %d rows of %d tokens (%.1f per row)",
+                 len(prepared.train), len(rows), args.max_length, len(prepared.train) / len(rows))  # fmt: skip
+        return batches
+    length = args.max_length if args.task == "classify" else args.block_size
+    return Batches(prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed)
+
+
 def _train(
     args: TrainArgs, prepared: Prepared, train_batches: Batches, resuming: bool, on_step: Any, stepped: list[int]
 ) -> dict[str, Any]:
@@ -372,7 +388,7 @@ def _train(
     from tqdm.auto import tqdm
 
     out = os.path.abspath(args.output_dir)
-    total = args.max_steps or args.epochs * train_batches.num_batches
+    total = args.max_steps or sum(train_batches.count(epoch) for epoch in range(args.epochs))
     opt = OptimizerConfig(
         learning_rate=args.learning_rate,
         schedule=args.schedule,
@@ -388,15 +404,13 @@ def _train(
     mesh = sharding.mesh_of(state.params)
     primary = distributed.is_primary()  # the one process that writes the run's files
 
-    greater = metrics.greater_is_better(args.metric_for_best)
+    # The best checkpoint is the one the trainer picked (metrics.is_better: the first of equals).
+    # orbax keeps it by "best_rank", which counts the improvements; other checkpoints rank -1.
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [
             ocp.checkpoint_managers.LatestN(n=args.save_total_limit),
             ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m[args.metric_for_best],
-                reverse=not greater,
-                n=1,
-                keep_checkpoints_without_metrics=False,
+                get_metric_fn=lambda m: m["best_rank"], reverse=False, n=1, keep_checkpoints_without_metrics=False
             ),
         ]
     )
@@ -407,7 +421,8 @@ def _train(
         ),
     )
     position = {"epoch": 0, "index": 0}
-    best: dict[str, Any] = {"step": None, "value": None}
+    # The best evaluation so far, and how many evaluations since it (for early stopping).
+    best: dict[str, Any] = {"step": None, "value": None, "rank": 0, "stale": 0}
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resuming and manager.latest_step() is not None:
@@ -447,11 +462,16 @@ def _train(
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(saved), trainer=ocp.args.JsonSave(trainer_state)),
-            metrics=evaluated,
+            metrics=None if evaluated is None else {"best_rank": best.get("rank", 0) if best["step"] == step else -1},
             force=True,
         )  # fmt: skip
 
     eval_every = args.eval_steps or args.save_steps
+
+    def at(strategy: str, every: int, epoch_end: bool) -> bool:
+        """Whether this step evaluates or saves: every `every` steps, or at each epoch's end."""
+        return epoch_end if strategy == "epoch" else step % every == 0
+
     step, window = start, []
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     status = "finished"
@@ -465,7 +485,8 @@ def _train(
                 state, m = steps.train_step(state, batch, jax.random.fold_in(state.rng, state.step))
                 m = {k: sharding.to_host(v) for k, v in m.items()}
                 position["index"] += 1
-                if position["index"] == train_batches.num_batches:
+                epoch_end = position["index"] == train_batches.count(position["epoch"])
+                if epoch_end:
                     position = {"epoch": position["epoch"] + 1, "index": 0}
                 step += 1
                 loss = float(m["loss"])
@@ -486,14 +507,16 @@ def _train(
                 if step % args.log_steps == 0 or step == total:
                     record = {
                         "step": step,
-                        "epoch": round(position["epoch"] + position["index"] / train_batches.num_batches, 4),
+                        "epoch": round(
+                            position["epoch"] + position["index"] / train_batches.count(position["epoch"]), 4
+                        ),
                         "loss": float(np.mean([w[0] for w in window])),
                         "grad_norm": float(np.mean([w[1] for w in window])),
                         "learning_rate": float(schedule(step - 1)),
                     }
                     window = []
                 evaluated = None
-                if prepared.eval is not None and (step % eval_every == 0 or step == total):
+                if prepared.eval is not None and (step == total or at(args.eval_strategy, eval_every, epoch_end)):
                     evaluated = evaluate(state, prepared, args)
                     record = {**record, "step": step, **evaluated}
                     value = evaluated.get(args.metric_for_best)
@@ -503,7 +526,9 @@ def _train(
                             f"choose one of {sorted(evaluated)}"
                         )
                     if metrics.is_better(args.metric_for_best, value, best["value"]):
-                        best = {"step": step, "value": value}
+                        best = {"step": step, "value": value, "rank": best.get("rank", 0) + 1, "stale": 0}
+                    else:
+                        best["stale"] = best.get("stale", 0) + 1  # evaluations since the best
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
                 if record:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -511,8 +536,15 @@ def _train(
                 if on_step is not None:
                     on_step(step, m)
                 stop = preemption.agreed()
-                if step % args.save_steps == 0 or step == total or evaluated is not None or stop:
+                patience = args.early_stopping_patience
+                early = patience is not None and evaluated is not None and best.get("stale", 0) >= patience
+                if step == total or at(args.save_strategy, args.save_steps, epoch_end) or evaluated is not None or stop:
                     save(step, evaluated)
+                if early and step < total:
+                    status = "stopped early"
+                    log.info("%s has not improved for %d evaluations: stopped at step %d",
+                             args.metric_for_best, patience, step)  # fmt: skip
+                    break
                 if stop and step < total:
                     status = "preempted"
                     break
@@ -527,13 +559,16 @@ def _train(
         log.warning("SIGTERM: saved a checkpoint at step %d in %s; continue with --resume", step, out)
         manager.close()
         return summary
-    _export(state, prepared, os.path.join(out, "final"))
+    if not args.load_best_model_at_end:
+        _export(state, prepared, os.path.join(out, "final"))
     if best["step"] is not None:
         if best["step"] != step:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint())
             restored = manager.restore(best["step"], args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             state = state.restore(restored["state"])
         _export(state, prepared, os.path.join(out, "best"))
+        if args.load_best_model_at_end:
+            _export(state, prepared, os.path.join(out, "final"))
     manager.close()
     return summary
 

@@ -140,9 +140,10 @@ def test_truncation_keeps_the_start_and_counts():
 
 def test_packing_cuts_blocks_like_run_clm():
     tok = word_tokenizer()
-    blocks = pack_blocks(tok, ["alpha red", "beta blue gold"], block_size=4, bos=1, eos=2)
-    stream = [1, *tok("alpha red")["input_ids"], 2, 1, *tok("beta blue gold")["input_ids"], 2]
-    assert blocks.tolist() == [stream[:4], stream[4:8]]  # 9 tokens: the last one is dropped
+    blocks, segments = pack_blocks(tok, ["alpha", "beta blue gold", "red"], block_size=4, bos=1, eos=2)
+    stream = [1, *tok("alpha")["input_ids"], 2, 1, *tok("beta blue gold")["input_ids"], 2, 1, *tok("red")["input_ids"]]
+    assert blocks.tolist() == [stream[:4], stream[4:8]]  # 11 tokens: the last 3 are dropped
+    assert segments.tolist() == [[0, 0, 0, 1], [0, 0, 0, 0]]  # a text's piece is a segment of its block
     with pytest.raises(DataError, match="fewer than one block of 64"):
         pack_blocks(tok, ["alpha"], block_size=64, bos=1, eos=2)
 

@@ -82,6 +82,25 @@ def test_learns_a_task_decided_by_words_far_apart(word_model, tmp_path):
     assert np.mean(logits.argmax(-1) == labels) == evals[-1]["eval_accuracy"]
 
 
+def test_epoch_strategies_early_stopping_and_best_model_at_end(word_model, tmp_path):
+    """Evaluation and checkpoints at each epoch's end; at a learning rate too small to change the
+    accuracy, patience 2 stops the run at the third evaluation, and final/ is the best (first)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    args = _args(
+        word_model, tmp_path, train_file=write_rows(data / "small.csv", xor_rows(64, seed=0)), max_steps=None,
+        epochs=20, learning_rate=1e-9, metric_for_best="accuracy", eval_strategy="epoch", save_strategy="epoch",
+        early_stopping_patience=2, load_best_model_at_end=True,
+    )  # fmt: skip
+    summary = train(args)
+    evals = [r for r in run_records(args.output_dir) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]  # 64 rows / 16 per batch: 4 steps per epoch
+    assert summary["status"] == "stopped early" and summary["step"] == 12 and summary["best"]["step"] == 4
+    assert sorted(int(n) for n in os.listdir(os.path.join(args.output_dir, "checkpoints"))) == [4, 8, 12]
+    final, best = (exported_params(os.path.join(args.output_dir, d)) for d in ("final", "best"))
+    assert final.keys() == best.keys() and all(np.array_equal(final[k], best[k]) for k in final)
+
+
 def _stop_at(step: int, how: str):
     def on_step(current: int, metrics: dict) -> None:
         if current == step:
