@@ -2,9 +2,10 @@
 process, on the same random weights and tokens.
 
 Reports the time of each, the ratio, the CPU's measured float32 matmul peak, and the fraction
-of that peak our forward reaches (model FLOPs: the matmuls a forward must do, counting causal
-attention over the keys each query actually sees: T/2 on average on global layers, the window
-on sliding ones). Each side runs once untimed first; times are medians.
+of that peak our forward reaches (model FLOPs, `ettin_jax.platforms.model_flops`: the matmuls a
+forward must do, counting causal attention over the keys each query actually sees: T/2 on average
+on global layers, at most the window on sliding ones). Each side runs once untimed first; times
+are medians.
 
     python benchmarks/forward.py                          # 150m at 4x512 and 1x4096, 17m at 4x512
     python benchmarks/forward.py --impls xla xla_blocked  # compare our backends
@@ -39,19 +40,6 @@ def matmul_peak(dtype: str, repeats: int = 5) -> float:
     return 2 * n**3 / measure(lambda: f(a).block_until_ready(), repeats)
 
 
-def model_flops(config, batch: int, length: int) -> float:
-    """Matmul FLOPs of one forward: projections, MLP, LM head, and causal attention over the
-    keys each query sees."""
-    d, inner, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    tokens = batch * length
-    per_layer = 2 * (4 * d * d + d * 2 * inner + inner * d)  # qkv + out, Wi (GeGLU: 2x), Wo
-    flops = tokens * (layers * per_layer + 2 * d * d + 2 * d * vocab)  # + lm_head dense + decoder
-    for kind in config.layer_types:
-        seen = (length + 1) / 2 if kind == "full_attention" else min(config.sliding_window, (length + 1) / 2)
-        flops += tokens * 2 * 2 * seen * d  # q k^T and p v
-    return flops
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["150m:4x512", "150m:1x4096", "17m:4x512", "17m:1x4096"])
@@ -70,6 +58,7 @@ def main() -> None:
 
     import ettin_jax as ej
     from ettin_jax import compilation
+    from ettin_jax.platforms import model_flops
 
     dtype = jnp.dtype(args.dtype)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]

@@ -8,10 +8,11 @@ one process, in bfloat16.
 - memory: an 8k-token prefill of the 1b shape (JAX's peak bytes in use on the GPU), and the KV
   cache bytes per token of each library, with sliding layers holding a window of slots.
 
-MFU is model FLOPs over time over the device's dense bf16 peak from its datasheet (989 TFLOP/s
-for H100 SXM and H200); the measured 8192^3 matmul rate is printed beside it. Model FLOPs count
-the matmuls and causal attention over the keys each query sees (T/2 on global layers, the window
-on sliding ones), as in benchmarks/forward.py.
+MFU is model FLOPs over time over the device's dense bf16 peak from its datasheet
+(`ettin_jax.platforms.peak_flops`: 989.4 TFLOP/s for H100 SXM and H200; the measured rate where
+the table lacks the device); the measured 8192^3 matmul rate is printed beside it. Model FLOPs
+(`ettin_jax.platforms.model_flops`) count the matmuls and causal attention over the keys each
+query sees (T/2 on global layers, at most the window on sliding ones).
 
     python benchmarks/gpu.py                                  # every part, every size
     python benchmarks/gpu.py --parts forward train --sizes 150m --lengths 2048
@@ -52,21 +53,15 @@ import torch
 import transformers
 from common import measure, report
 from flax import nnx
-from forward import model_flops
 
 import ettin_jax as ej
 from ettin_jax import compilation
 from ettin_jax.cache import init_cache
+from ettin_jax.platforms import model_flops, peak_flops
 from ettin_jax.train.optim import OptimizerConfig, make_optimizer
 from ettin_jax.train.steps import create_train_state, train_step
 
-# Dense bf16 FLOP/s by device-name fragment, the first match wins (PCIe and NVL H100s are slower).
-DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 GiB = 2**30
-
-
-def datasheet_peak(kind: str) -> float | None:
-    return next((v for k, v in DATASHEET_BF16.items() if k in kind), None)
 
 
 def build(size: str, torch_device: str, param_dtype: Any):
@@ -183,7 +178,7 @@ def part_train(args, sizes, lengths, torch_device, peak, rows):
                 rows.append(("train", size, f"{batch}x{length}", float("nan"), float("nan"), 0.0, 0.0,
                              f"failed: {str(e).splitlines()[0][:120]}"))  # fmt: skip
             else:
-                flops = 3 * model_flops(config, batch, length)
+                flops = model_flops(config, batch, length, training=True)
                 note = f"first loss {first[0]:.4f} vs {first[1]:.4f}" + (", remat" if args.remat else "")
                 rows.append(("train", size, f"{batch}x{length}", t_theirs, t_ours, flops / t_ours / peak,
                              flops / t_theirs / peak, note))  # fmt: skip
@@ -297,7 +292,7 @@ def main() -> None:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
     matmul = jax.jit(lambda a: a @ a)
     measured = 2 * n**3 / measure(lambda: matmul(a).block_until_ready(), 10)
-    peak = datasheet_peak(kind) or measured
+    peak = peak_flops(device, "bfloat16") or measured
     print(f"{kind} ({device.platform}); jax {jax.__version__}, torch {torch.__version__} ({torch_device}), "
           f"transformers {transformers.__version__}; bf16 matmul {n}^3 measured {measured / 1e12:.1f} TFLOP/s, "
           f"MFU against {peak / 1e12:.1f}", flush=True)  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from typing import Any
 
@@ -23,13 +24,14 @@ from ettin_jax.train.optim import SCHEDULES
 TRAIN_TASKS = ("classify", "lm")  # the train subcommands
 DTYPES = ("float32", "bfloat16")
 STRATEGIES = ("steps", "epoch")  # when to evaluate and to save
+REPORTERS = ("none", "tensorboard")
 
 # Arguments that may differ between a run and its resumption; every other one must match.
 # A run may resume on another mesh or number of processes (orbax restores to the new
 # shardings), and from a directory that was moved or copied.
 _MAY_CHANGE_ON_RESUME = {
     "resume", "overwrite", "progress", "release_host_memory", "save_steps", "eval_steps", "log_steps",
-    "save_total_limit", "mesh", "output_dir",
+    "save_total_limit", "mesh", "output_dir", "report_to",
 }  # fmt: skip
 
 
@@ -101,6 +103,30 @@ class TrainArgs:
         "--batch-size then counts packed rows",
         tasks=("classify",),
     )
+    class_weights: str | None = _arg(
+        None,
+        "weigh each class in the loss: auto (n / (classes x count), balanced; multi-label: negatives / positives "
+        "of each label, as pos_weight) or one weight per class, comma-separated, in the label order",
+        tasks=("classify",),
+    )
+    label_smoothing: float = _arg(0.0, "label smoothing of the cross-entropy (single-label and lm)")
+    threshold: float = _arg(
+        0.5,
+        "multi-label: a label is predicted where its sigmoid exceeds this, in the eval metrics",
+        tasks=("classify",),
+    )
+    report_to: str = _arg("none", "also log to TensorBoard event files in <output-dir>/tensorboard",
+                          choices=REPORTERS)  # fmt: skip
+    lora_rank: int | None = _arg(
+        None, "train rank-R LoRA adapters on the --lora-targets layers (and a classifier's head), not every weight"
+    )
+    lora_alpha: float | None = _arg(None, "LoRA's update is scaled by alpha / rank (default: alpha = rank)")
+    lora_targets: str | None = _arg(
+        None,
+        "a regex matched in full (as PEFT's target_modules) against module names such as model.layers.0.attn.q_proj; "
+        "default: every projection of the attention and the MLP",
+    )
+    lora_dropout: float = _arg(0.0, "dropout on the LoRA input while training")
     dtype: str = _arg("float32", "compute dtype (the master weights stay float32)", choices=DTYPES)
     remat: bool = _arg(False, "recompute each layer in the backward pass")
     log_steps: int = _arg(10, "steps between training-loss records")
@@ -179,12 +205,56 @@ class TrainArgs:
         for name in ("early_stopping_patience", "load_best_model_at_end"):
             if getattr(self, name) and self.eval_file is None:
                 raise TrainingError(f"{_flag(name)} picks by --metric-for-best on the evaluation set: pass --eval-file")
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainingError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.threshold < 1:
+            raise TrainingError(f"--threshold must lie in (0, 1), got {self.threshold}")
+        if self.class_weights is not None and self.class_weights.strip() != "auto":
+            parse_class_weights(self.class_weights)  # numbers, checked now; their count once the labels are known
+        self._check_lora()
         if self.resume and self.overwrite:
             raise TrainingError("--resume and --overwrite contradict each other; pass one")
+
+    def _check_lora(self) -> None:
+        if self.lora_rank is None:
+            given = [n for n in ("lora_alpha", "lora_targets") if getattr(self, n) is not None]
+            given += ["lora_dropout"] if self.lora_dropout else []
+            if given:
+                what = "is a LoRA setting" if len(given) == 1 else "are LoRA settings"
+                raise TrainingError(f"{', '.join(map(_flag, given))} {what}: pass --lora-rank too")
+            return
+        if self.lora_rank < 1:
+            raise TrainingError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if self.config is not None:
+            raise TrainingError(
+                "--lora-rank adapts a trained --model; a model trained from scratch (--config) trains in full"
+            )
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise TrainingError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrainingError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None:
+            try:
+                re.compile(self.lora_targets)
+            except re.error as e:
+                raise TrainingError(f"--lora-targets {self.lora_targets!r} is not a regular expression: {e}") from None
 
     def identity(self) -> dict[str, Any]:
         """The arguments that define the run, as saved in run.json: a resume must match them."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _MAY_CHANGE_ON_RESUME}
+
+
+def parse_class_weights(text: str) -> list[float]:
+    """--class-weights w1,w2,...: each a finite number >= 0, not all 0."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise TrainingError(
+            f"--class-weights must be auto or comma-separated numbers, one per class, got {text!r}"
+        ) from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise TrainingError(f"--class-weights must be finite numbers >= 0, not all 0, got {text!r}")
+    return weights
 
 
 def _flag(name: str) -> str:

@@ -60,7 +60,9 @@ def _single_label(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[
     return {"accuracy": float(np.mean(correct)), "macro_f1": float(np.mean(_f1(tp, fp, fn)))}
 
 
-def _multi_label(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str] | None) -> dict[str, float]:
+def _multi_label(
+    logits: np.ndarray, labels: np.ndarray, label_names: Sequence[str] | None, threshold: float
+) -> dict[str, float]:
     problem = "multi_label_classification"
     if logits.ndim != 2 or labels.shape != logits.shape:
         raise ValueError(
@@ -71,7 +73,9 @@ def _multi_label(logits: np.ndarray, labels: np.ndarray, label_names: Sequence[s
     labels = _as_int_labels(labels, problem)
     if not np.all((labels == 0) | (labels == 1)):
         raise ValueError(f"{problem}: labels must be 0 or 1")
-    preds = logits > 0
+    # sigmoid(x) > t exactly where x > log(t / (1 - t)): no sigmoid to saturate, and at t = 0.5 the
+    # cut is 0.0 exactly.
+    preds = logits.astype(np.float64) > math.log(threshold) - math.log1p(-threshold)
     truth = labels == 1
     tp = np.sum(preds & truth, axis=0)
     fp = np.sum(preds & ~truth, axis=0)
@@ -117,19 +121,29 @@ def _regression(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def classification_metrics(
-    logits: np.ndarray, labels: np.ndarray, problem_type: str, label_names: Sequence[str] | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    problem_type: str,
+    label_names: Sequence[str] | None = None,
+    *,
+    threshold: float = 0.5,
 ) -> dict[str, float]:
     """Metrics of a sequence-classification head over a whole evaluation set.
 
     - "single_label_classification": logits (N, L), integer labels (N,) -> {"accuracy", "macro_f1"}.
-    - "multi_label_classification": logits (N, L), 0/1 labels (N, L), predicted where logit > 0 ->
-      {"exact_match", "micro_f1", "macro_f1", "f1_<name>" per label} (names from `label_names`, else indices).
+    - "multi_label_classification": logits (N, L), 0/1 labels (N, L), a label predicted where
+      sigmoid(logit) > `threshold` (0.5: logit > 0) -> {"exact_match", "micro_f1", "macro_f1",
+      "f1_<name>" per label} (names from `label_names`, else indices). Other problem types ignore
+      `threshold`.
     - "regression": logits (N,), (N, 1) or (N, K), labels with the same values per row -> {"mse", "pearson"};
       pearson is over the flattened values and is nan when either side is constant (zero variance).
 
-    Raises ValueError for an unknown problem_type, mismatched shapes, labels out of range, or an empty set.
+    Raises ValueError for an unknown problem_type, mismatched shapes, labels out of range, an empty
+    set, or a threshold outside (0, 1).
     """
     logits, labels = np.asarray(logits), np.asarray(labels)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     if problem_type not in PROBLEM_TYPES:
         raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {', '.join(PROBLEM_TYPES)}")
     if logits.ndim == 0 or logits.shape[0] == 0:
@@ -137,7 +151,7 @@ def classification_metrics(
     if problem_type == "single_label_classification":
         return _single_label(logits, labels, label_names)
     if problem_type == "multi_label_classification":
-        return _multi_label(logits, labels, label_names)
+        return _multi_label(logits, labels, label_names, threshold)
     return _regression(logits, labels)
 
 

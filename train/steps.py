@@ -34,20 +34,24 @@ Array = jax.Array
 @struct.dataclass
 class TrainState:
     step: Array  # optimizer updates done, int32
-    params: dict  # nested dict of float32 arrays: the model's nnx.Param state
+    params: dict  # nested dict of float32 arrays: the params that train (all of them, unless LoRA)
+    frozen: dict  # the params that do not (the base model under LoRA); not in the checkpoint
     opt_state: Any
     rng: Array  # uint32[2] key; step s uses fold_in(rng, s)
     rest: Any  # the model's other state (dropout RNG streams), reseeded every step; not saved
+    class_weights: Array | None  # (L,) the loss's weight of each class (`losses.row_losses`), or None
     graphdef: Any = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     task: str = struct.field(pytree_node=False)
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
     def model(self) -> nnx.Module:
         """The NNX model with this state's params (for evaluation and export)."""
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        return nnx.merge(self.graphdef, self.params, self.frozen, self.rest)
 
     def checkpoint(self) -> dict[str, Any]:
-        """What a checkpoint holds: everything but the static fields and the dropout streams."""
+        """What a checkpoint holds: everything but the static fields, the frozen params (the
+        run's --model has them) and the dropout streams."""
         return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
 
     def restore(self, saved: dict[str, Any]) -> TrainState:
@@ -77,17 +81,30 @@ def task_of(model: nnx.Module) -> str:
     return kind
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    """The state of a model about to train. On a sharded model (`ettin_jax.sharding`) the
-    optimizer's moments are sharded like their params, and the step and RNG replicated."""
+def create_train_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    seed: int = 0,
+    trainable: Any = nnx.Param,
+    *,
+    class_weights: Any = None,
+    label_smoothing: float = 0.0,
+) -> TrainState:
+    """The state of a model about to train: the params that `trainable` (an nnx filter) selects
+    train, with optimizer state for them alone; the other params stay as they are (LoRA:
+    `ettin_jax.train.lora.TRAINABLE`). `class_weights` and `label_smoothing` shape the loss, in
+    training and evaluation alike (`ettin_jax.losses.row_losses`). On a sharded model
+    (`ettin_jax.sharding`) the optimizer's moments are sharded like their params, and the step,
+    RNG and class weights replicated."""
     if model.config.quantization is not None:
         raise QuantizationError(
             f"the model has {model.config.quantization} weights, which are for inference; train the float "
             "model (load it without quantization)"
         )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
+    graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     step, rng = jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     mesh = sharding.mesh_of(params)
     if mesh is None:
         opt_state = tx.init(params)
@@ -95,15 +112,19 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed
         opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
         replicated = NamedSharding(mesh, PartitionSpec())
         step, rng = sharding.put(step, replicated), sharding.put(rng, replicated)
+        weights = None if weights is None else sharding.put(weights, replicated)
     return TrainState(
         step=step,
         params=params,
+        frozen=frozen,
         opt_state=opt_state,
         rng=rng,
         rest=rest,
+        class_weights=weights,
         graphdef=graphdef,
         tx=tx,
         task=task_of(model),
+        label_smoothing=label_smoothing,
     )
 
 
@@ -117,13 +138,15 @@ def _forward(model: nnx.Module, batch: dict[str, Array], deterministic: bool) ->
     return model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic, **packed).logits
 
 
-def _row_losses(task: str, logits: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
+def _row_losses(state: TrainState, logits: Array, batch: dict[str, Array]) -> tuple[Array, Array]:
     """Per-item loss sums and counts of a micro-batch: per row, or per slot of packed classifier
     rows (logits (B, S, L)), where an empty slot counts for nothing."""
-    if "slots" not in batch:
-        return row_losses(task, logits, batch["labels"])
+    options = dict(class_weights=state.class_weights, label_smoothing=state.label_smoothing)
     labels = batch["labels"]
-    sums, counts = row_losses(task, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, *labels.shape[2:]))
+    if "slots" not in batch:
+        return row_losses(state.task, logits, labels, **options)
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, *labels.shape[2:])  # slots as rows
+    sums, counts = row_losses(state.task, logits, labels, **options)
     slots = batch["slots"].reshape(-1)
     return sums * slots, counts * slots
 
@@ -142,11 +165,15 @@ def seeded(rest: Any, rng: Array) -> Any:
 
 
 def loss_sum(
-    params: dict, rest: Any, graphdef: Any, task: str, batch: dict[str, Array], rng: Array, deterministic: bool = False
+    params: dict, state: TrainState, batch: dict[str, Array], rng: Array, deterministic: bool = False
 ) -> tuple[Array, Array]:
-    """(summed loss, item count) of one micro-batch; differentiable in `params`."""
-    model = nnx.merge(graphdef, params, rest if deterministic else seeded(rest, rng))
-    sums, counts = _row_losses(task, _forward(model, batch, deterministic), batch)
+    """(summed loss, item count) of one micro-batch with `params` for the state's trainable
+    params; differentiable in `params`."""
+    rest = state.rest if deterministic else seeded(state.rest, rng)
+    model = nnx.merge(state.graphdef, params, state.frozen, rest)
+    if not deterministic:  # layers that take no `deterministic` argument (LoRA's input dropout) train too
+        model = nnx.view(model, deterministic=False, raise_if_not_found=False)
+    sums, counts = _row_losses(state, _forward(model, batch, deterministic), batch)
     return jnp.sum(sums), jnp.sum(counts)
 
 
@@ -157,7 +184,7 @@ def gradients(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[A
     def micro(carry: tuple, inputs: tuple) -> tuple:
         total, count, grads = carry
         i, mb = inputs
-        (s, n), g = grad_fn(state.params, state.rest, state.graphdef, state.task, mb, jax.random.fold_in(rng, i))
+        (s, n), g = grad_fn(state.params, state, mb, jax.random.fold_in(rng, i))
         return (total + s, count + n, jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -172,7 +199,7 @@ def gradients(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[A
 
 def _train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict[str, Array]]:
     total, count, grads = gradients(state, batch, rng)
-    count = jnp.maximum(count, 1.0)  # every label ignored: loss 0, no update from the data
+    count = jnp.where(count > 0, count, 1.0)  # every label ignored: loss 0, no update from the data
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -202,7 +229,7 @@ def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
 def _eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     model = state.model()
     logits = _forward(model, batch, deterministic=True)
-    sums, counts = row_losses(state.task, logits, batch["labels"])
+    sums, counts = _row_losses(state, logits, batch)
     out = {"loss_sum": sums, "count": counts}
     if state.task != "causal_lm":
         out["logits"] = logits.astype(jnp.float32)

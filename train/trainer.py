@@ -24,19 +24,21 @@ import logging
 import math
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from ettin_jax import compilation, default_model, distributed, platforms, sharding
+from ettin_jax import compilation, default_model, distributed, losses, platforms, sharding
 from ettin_jax.config import ETTIN_SIZES, ModernBertDecoderConfig
 from ettin_jax.convert import load_pretrained, resolve, save_transformers, transformers_state_dict
 from ettin_jax.files import publish, staging_dir_for, write_json, write_jsonl
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
-from ettin_jax.train import data, metrics, steps
-from ettin_jax.train.args import TrainArgs, TrainingError
+from ettin_jax.train import data, lora, metrics, report, steps
+from ettin_jax.train.args import TrainArgs, TrainingError, parse_class_weights
 from ettin_jax.train.data import Batches, Examples, PackedBatches
 from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
@@ -156,6 +158,7 @@ class Prepared:
     problem_type: str
     label_names: tuple[str, ...]
     pad_id: int
+    base_model: str | None = None  # what LoRA adapts: --model as given, or the default model's directory
 
 
 def prepare(args: TrainArgs) -> Prepared:
@@ -223,7 +226,10 @@ def prepare(args: TrainArgs) -> Prepared:
             model = _new_model(config, dtype, args.seed, mesh)
         else:
             model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
-        return Prepared(model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id)
+        _with_lora(model, args)
+        return Prepared(
+            model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id, args.model or directory
+        )
 
     names = _label_set(config, directory, kind, values["train"])
     _check_metric(args, kind, names)
@@ -236,7 +242,9 @@ def prepare(args: TrainArgs) -> Prepared:
     examples = {}
     for split, t in tables.items():
         labels = data.encode_labels(values[split], kind, names, paths[split], args.label_column, t.lines)
-        ids, truncated = data.tokenize_pairs(tokenizer, texts[split], pairs[split], max_length, bos)
+        # --pack refuses a training example longer than a row (PackedBatches) rather than cut it.
+        limit = config.max_position_embeddings if args.pack and split == "train" else max_length
+        ids, truncated = data.tokenize_pairs(tokenizer, texts[split], pairs[split], limit, bos)
         examples[split] = Examples(ids, labels, truncated)
         if truncated:
             log.warning(
@@ -254,7 +262,24 @@ def prepare(args: TrainArgs) -> Prepared:
         pad_token_id=pad_id,
         mesh=mesh,
     )
-    return Prepared(model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id)
+    _with_lora(model, args)
+    return Prepared(
+        model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id, args.model or directory
+    )
+
+
+def _with_lora(model: Any, args: TrainArgs) -> None:
+    """With --lora-rank, LoRA on the model (placed on its mesh): the same adapters, from
+    --seed, for a run and its resumption."""
+    if args.lora_rank is None:
+        return
+    config = lora.LoraConfig(
+        args.lora_rank, args.lora_alpha, args.lora_targets or lora.DEFAULT_TARGETS, args.lora_dropout
+    )
+    try:
+        lora.apply_lora(model, config, seed=args.seed)
+    except lora.LoraError as e:
+        raise TrainingError(f"--lora-targets: {e}") from None
 
 
 def _load_tokenizer(path: str) -> Any:
@@ -317,8 +342,6 @@ def _check_vocabulary(config: ModernBertDecoderConfig, tokenizer: Any, args: Tra
 def _new_model(config: ModernBertDecoderConfig, dtype: Any, seed: int, mesh: Any) -> Any:
     """A causal LM with random weights from `seed`, transformers' initialisation; every process
     builds the same one (checked), then places it on the mesh."""
-    from flax import nnx
-
     distributed.agree("config", distributed.fingerprint(json.dumps(config.to_dict(), sort_keys=True), seed))
     model = ModernBertDecoderForCausalLM(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
     return model if mesh is None else sharding.shard_model(model, mesh)
@@ -353,10 +376,11 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     resuming = _check_output_dir(args)
     prepared = prepared or prepare(args)
     train_batches = _train_batches(args, prepared)
+    class_weights = _class_weights(args, prepared)
     created = _create_output_dir(args, resuming)
     stepped: list[int] = []  # the steps this call has run with a finite loss
     try:
-        return _train(args, prepared, train_batches, resuming, on_step, stepped)
+        return _train(args, prepared, train_batches, class_weights, resuming, on_step, stepped)
     except BaseException:
         if not resuming and not stepped and distributed.is_primary():
             _remove_unstarted_run(args.output_dir, created)
@@ -381,8 +405,37 @@ def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
     return Batches(prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed)
 
 
+def _class_weights(args: TrainArgs, prepared: Prepared) -> np.ndarray | None:
+    """--class-weights as (L,) weights, and --label-smoothing checked, against the labels."""
+    kind, names = prepared.problem_type, prepared.label_names
+    if args.label_smoothing and kind not in ("causal_lm", "single_label_classification"):
+        raise TrainingError(f"--label-smoothing smooths a softmax over classes; {kind} has none")
+    if args.class_weights is None:
+        return None
+    if kind == "regression":
+        raise TrainingError("--class-weights weigh classes; regression has none")
+    if args.class_weights.strip() == "auto":
+        try:
+            return losses.balanced_class_weights(prepared.train.labels, kind, names)
+        except ValueError as e:
+            raise TrainingError(f"--class-weights auto: {e}") from None
+    weights = parse_class_weights(args.class_weights)
+    if len(weights) != len(names):
+        raise TrainingError(
+            f"--class-weights gives {len(weights)} weights for {len(names)} classes ({', '.join(names)}); "
+            "give one per class, in that order"
+        )
+    return np.asarray(weights, np.float32)
+
+
 def _train(
-    args: TrainArgs, prepared: Prepared, train_batches: Batches, resuming: bool, on_step: Any, stepped: list[int]
+    args: TrainArgs,
+    prepared: Prepared,
+    train_batches: Batches,
+    class_weights: np.ndarray | None,
+    resuming: bool,
+    on_step: Any,
+    stepped: list[int],
 ) -> dict[str, Any]:
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
@@ -400,7 +453,15 @@ def _train(
     schedule = learning_rate_schedule(opt)
     model = prepared.model
     model.model.remat = args.remat
-    state = steps.create_train_state(model, make_optimizer(opt), args.seed)
+    trainable = nnx.Param if args.lora_rank is None else lora.TRAINABLE
+    state = steps.create_train_state(
+        model,
+        make_optimizer(opt),
+        args.seed,
+        trainable,
+        class_weights=class_weights,
+        label_smoothing=args.label_smoothing,
+    )
     mesh = sharding.mesh_of(state.params)
     primary = distributed.is_primary()  # the one process that writes the run's files
 
@@ -472,6 +533,15 @@ def _train(
         """Whether this step evaluates or saves: every `every` steps, or at each epoch's end."""
         return epoch_end if strategy == "epoch" else step % every == 0
 
+    # Throughput: real (not padding) tokens per second, and MFU where the device's peak is known.
+    device = jax.devices()[0]
+    peak = platforms.peak_flops(device, args.dtype)
+    peak = None if peak is None else peak * jax.device_count()
+    tensorboard = None
+    if primary and args.report_to == "tensorboard":
+        tensorboard = report.TensorBoardWriter(
+            os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None
+        )
     step, window = start, []
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
     status = "finished"
@@ -479,7 +549,9 @@ def _train(
         log_to = metrics_path if primary else os.devnull
         with distributed.Preemption() as preemption, open(log_to, "a", encoding="utf-8") as metrics_file:
             while step < total:
+                started = time.perf_counter()
                 batch, _ = train_batches.batch(position["epoch"], position["index"])
+                work = _step_work(batch, model.config, args.task)  # (real tokens, model FLOPs)
                 if mesh is not None:
                     batch = sharding.put_batch(batch, mesh, axis=1)  # (K, B, ...): rows split
                 state, m = steps.train_step(state, batch, jax.random.fold_in(state.rng, state.step))
@@ -500,7 +572,12 @@ def _train(
                            if last is not None else "No checkpoint was saved before it.")
                     )  # fmt: skip
                 stepped.append(step)  # a step with a finite loss: from here on, the run is kept
-                window.append((loss, float(m["grad_norm"])))
+                seconds = time.perf_counter() - started  # the first step's compiles it: not counted
+                window.append((loss, float(m["grad_norm"]), None if step == start + 1 else (seconds, *work)))
+                if tensorboard is not None:
+                    timed = {} if step == start + 1 else report.throughput(seconds, *work, peak)
+                    learning_rate = float(schedule(step - 1))
+                    tensorboard.write({"loss": loss, "learning_rate": learning_rate, **timed}, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 record: dict[str, Any] = {}
@@ -514,6 +591,9 @@ def _train(
                         "grad_norm": float(np.mean([w[1] for w in window])),
                         "learning_rate": float(schedule(step - 1)),
                     }
+                    timed = [w[2] for w in window if w[2] is not None]
+                    if timed:
+                        record.update(report.throughput(*map(sum, zip(*timed, strict=True)), peak))
                     window = []
                 evaluated = None
                 if prepared.eval is not None and (step == total or at(args.eval_strategy, eval_every, epoch_end)):
@@ -533,6 +613,9 @@ def _train(
                 if record:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                    if tensorboard is not None:
+                        tensorboard.write(evaluated or {}, step)
+                        tensorboard.flush()
                 if on_step is not None:
                     on_step(step, m)
                 stop = preemption.agreed()
@@ -551,6 +634,8 @@ def _train(
     finally:
         # Also on an exception: a checkpoint being written is finished, never left half-done.
         bar.close()
+        if tensorboard is not None:
+            tensorboard.close()
         manager.wait_until_finished()
     if primary:
         _plot(metrics_path, os.path.join(out, "metrics.png"))
@@ -571,6 +656,13 @@ def _train(
             _export(state, prepared, os.path.join(out, "final"))
     manager.close()
     return summary
+
+
+def _step_work(batch: dict[str, np.ndarray], config: Any, task: str) -> tuple[int, float]:
+    """A training batch's real (not padding) tokens and its model FLOPs (forward and backward)."""
+    k, b, length = batch["input_ids"].shape
+    flops = platforms.model_flops(config, k * b, length, training=True, causal_lm=task == "lm")
+    return int(batch["attention_mask"].sum()), flops
 
 
 def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float]:
@@ -596,26 +688,36 @@ def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float
         result = {
             "loss": loss_sum / max(count, 1.0),
             **metrics.classification_metrics(
-                np.concatenate(logits), prepared.eval.labels, state.task, label_names=prepared.label_names
+                np.concatenate(logits),
+                prepared.eval.labels,
+                state.task,
+                label_names=prepared.label_names,
+                threshold=args.threshold,
             ),
         }
     return {f"eval_{k}": float(v) for k, v in result.items()}
 
 
 def _export(state: Any, prepared: Prepared, directory: str) -> None:
-    """The model in transformers format plus the tokenizer, published by one rename. Every
-    process gathers the params; process 0 writes."""
+    """The model in transformers format plus the tokenizer, published by one rename; a LoRA
+    run's with its adapters merged into the weights, and the adapters alone, as PEFT reads
+    them, in `adapter/` inside. Every process gathers the params; process 0 writes."""
     model = state.model()
-    tensors = transformers_state_dict(model)  # a collective when the params span processes
+    adapted = lora.has_lora(model)
+    plain = lora.merged(model) if adapted else model
+    tensors = transformers_state_dict(plain)  # a collective when the params span processes
     if distributed.is_primary():
         staging = staging_dir_for(directory)
         try:
-            save_transformers(model, staging, tensors)
+            save_transformers(plain, staging, tensors)
             prepared.tokenizer.save_pretrained(staging)
             publish(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
     distributed.barrier(f"export-{os.path.basename(directory)}")
+    if adapted:
+        lora.save_adapter(model, os.path.join(directory, "adapter"), base_model=prepared.base_model)
+        distributed.barrier(f"export-{os.path.basename(directory)}-adapter")
 
 
 def _plot(metrics_path: str, png: str) -> None:

@@ -114,6 +114,35 @@ def test_multi_label_default_names_and_errors():
         classification_metrics(MULTI_LOGITS, MULTI_LABELS * 2, "multi_label_classification")
 
 
+def test_multi_label_threshold_by_hand():
+    # At 0.6 the cut is logit > log(1.5) = 0.405: row 2 no longer predicts c (0.1), and is exact.
+    out = classification_metrics(MULTI_LOGITS, MULTI_LABELS, "multi_label_classification", threshold=0.6)
+    assert out["exact_match"] == pytest.approx(3 / 4)
+    assert out["f1_2"] == pytest.approx(1.0)  # c: tp=1 fp=0 fn=0
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.75, 0.99])
+def test_multi_label_threshold_is_on_the_sigmoid(threshold):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3, size=(64, 5)).astype(np.float32)
+    labels = rng.integers(0, 2, (64, 5))
+    preds = 1 / (1 + np.exp(-logits.astype(np.float64))) > threshold
+    expected = classification_metrics(np.where(preds, 1.0, -1.0), labels, "multi_label_classification")
+    out = classification_metrics(logits, labels, "multi_label_classification", threshold=threshold)
+    assert out == expected
+
+
+def test_multi_label_threshold_half_is_logit_zero():
+    default = classification_metrics(MULTI_LOGITS, MULTI_LABELS, "multi_label_classification")
+    assert classification_metrics(MULTI_LOGITS, MULTI_LABELS, "multi_label_classification", threshold=0.5) == default
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.5, 1.5, float("nan")])
+def test_threshold_outside_zero_one(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        classification_metrics(MULTI_LOGITS, MULTI_LABELS, "multi_label_classification", threshold=threshold)
+
+
 # --- regression --------------------------------------------------------------------------------
 
 

@@ -89,9 +89,7 @@ def test_gradients_match_torch(saved, kind):
     theirs, ours = _models(saved, kind)
     batch = _batch(kind)
     state = create_train_state(ours, make_optimizer(OptimizerConfig()))
-    grad_fn = jax.grad(
-        lambda p: (lambda s, n: s / n)(*loss_sum(p, state.rest, state.graphdef, kind, batch, None, True))
-    )
+    grad_fn = jax.grad(lambda p: (lambda s, n: s / n)(*loss_sum(p, state, batch, None, True)))
     grads = grad_fn(state.params)
     loss = _torch_loss(theirs, batch)
     loss.backward()
@@ -215,10 +213,7 @@ def test_remat_gives_the_same_gradients(saved):
         model = ModernBertDecoderForCausalLM.from_pretrained(directory)
         model.model.remat = remat
         state = create_train_state(model, make_optimizer(OptimizerConfig()))
-        rest, graphdef = state.rest, state.graphdef
-        grad = jax.grad(
-            lambda p, rest=rest, graphdef=graphdef: loss_sum(p, rest, graphdef, "causal_lm", batch, None, True)[0]
-        )
+        grad = jax.grad(lambda p, s=state: loss_sum(p, s, batch, None, True)[0])
         grads.append(_flat(grad(state.params)))
     for path in grads[0]:
         np.testing.assert_allclose(grads[0][path], grads[1][path], atol=1e-6, err_msg=str(path))

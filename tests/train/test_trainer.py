@@ -12,9 +12,11 @@ import time
 
 import numpy as np
 import pytest
+from flax import traverse_util
 from helpers import exported_params, run_records
 from textdata import write_rows, xor_rows
 
+from ettin_jax.errors import EttinError
 from ettin_jax.train import PREEMPTED_EXIT, DataError, TrainArgs, TrainingError, train
 from ettin_jax.train.trainer import prepare
 
@@ -101,6 +103,52 @@ def test_epoch_strategies_early_stopping_and_best_model_at_end(word_model, tmp_p
     assert final.keys() == best.keys() and all(np.array_equal(final[k], best[k]) for k in final)
 
 
+def test_packed_lora_learns_exports_merged_and_peft_and_logs_to_tensorboard(word_model, tmp_path, monkeypatch):
+    """LoRA rank 4 (and the new head) on the XOR task, packed (--pack), with balanced class weights
+    and label smoothing: it learns; its checkpoints hold only what trained; final/ is a merged transformers
+    checkpoint and final/adapter a PEFT adapter that peft loads to the same logits; TensorBoard
+    holds the learning rate, tokens/s and MFU (a peak patched in: this CPU has none)."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ettin_jax import platforms
+
+    monkeypatch.setattr(platforms, "peak_flops", lambda device, dtype: 1e12)
+    args = _args(
+        word_model, tmp_path, lora_rank=4, learning_rate=1e-2, class_weights="auto", label_smoothing=0.05,
+        report_to="tensorboard", pack=True, max_length=32,
+    )  # fmt: skip
+    train(args)
+    out = args.output_dir
+    evals = [r for r in run_records(out) if "eval_accuracy" in r]
+    assert evals[-1]["eval_accuracy"] >= 0.95, evals
+    assert all(r["mfu"] > 0 and r["tokens_per_second"] > 0 for r in run_records(out)[1:] if "loss" in r)
+
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().metadata(os.path.join(out, "checkpoints", "120", "state"))
+    names = {"/".join(map(str, path)) for path in traverse_util.flatten_dict(saved.item_metadata.tree["params"])}
+    assert names and all("lora" in n or n.split("/")[0] in ("head", "classifier") for n in names), sorted(names)
+
+    final = os.path.join(out, "final")
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(final).eval()
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(word_model, num_labels=2).eval()
+    adapted = PeftModel.from_pretrained(base, os.path.join(final, "adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 22, 7], [1, 30, 31, 6, 8, 40]])
+    with torch.no_grad():
+        want, got = merged(ids).logits.numpy(), adapted(ids).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(want).max() > 0.1  # not a trivial head
+
+    events = EventAccumulator(os.path.join(out, "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_second", "train/mfu", "eval/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("train/learning_rate")] == list(range(1, 121))
+    assert [e.step for e in events.Scalars("train/tokens_per_second")] == list(range(2, 121))  # step 1 compiles
+
+
 def _stop_at(step: int, how: str):
     def on_step(current: int, metrics: dict) -> None:
         if current == step:
@@ -150,7 +198,12 @@ def test_stopped_run_resumes_to_identical_params(word_model, tmp_path, reference
     assert params.keys() == ref_params.keys()
     for key in params:
         np.testing.assert_array_equal(params[key], ref_params[key], err_msg=key)
-    assert run_records(args.output_dir) == ref_records
+    assert _untimed(run_records(args.output_dir)) == _untimed(ref_records)
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    """Records without their throughput, which differs from run to run."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_second", "mfu")} for r in records]
 
 
 def test_resume_refuses_changed_arguments(word_model, tmp_path, reference):
@@ -170,6 +223,41 @@ def test_output_dir_with_other_files_is_refused(word_model, tmp_path):
     with pytest.raises(TrainingError, match="holds no ettin-jax run"):
         train(args)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(lora_targets=r".*\.q_proj"), r"--lora-targets is a LoRA setting: pass --lora-rank too"),
+        (dict(lora_rank=0), r"--lora-rank must be >= 1, got 0"),
+        (dict(lora_rank=4, lora_targets="(attn"), r"--lora-targets '\(attn' is not a regular expression"),
+        (dict(lora_rank=4, lora_dropout=1.0), r"--lora-dropout must lie in \[0, 1\), got 1.0"),
+        (dict(label_smoothing=1.0), r"--label-smoothing must lie in \[0, 1\), got 1.0"),
+        (dict(threshold=0.0), r"--threshold must lie in \(0, 1\), got 0.0"),
+        (dict(class_weights="1,heavy"), r"--class-weights must be auto or comma-separated numbers"),
+        (dict(class_weights="0,0"), r"--class-weights must be finite numbers >= 0, not all 0"),
+        (dict(early_stopping_patience=2, eval_file=None), r"--early-stopping-patience .* pass --eval-file"),
+    ],
+)
+def test_fine_tuning_flags_are_checked(word_model, tmp_path, changes, message):
+    with pytest.raises(TrainingError, match=message):
+        _args(word_model, tmp_path, **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(lora_rank=4, lora_targets=r".*\.query"),
+         r'--lora-targets: the LoRA targets regex ".\*\\.query" matches no Linear layer .* model\.layers\.0\.attn\.q_proj'),
+        (dict(pack=True, max_length=8), r"example \d+ has \d+ tokens, more than --max-length 8: --pack puts whole examples"),
+        (dict(class_weights="1,2,3"), r"--class-weights gives 3 weights for 2 classes \(diff, same\)"),
+    ],
+)  # fmt: skip
+def test_fine_tuning_input_that_the_data_refutes_writes_nothing(word_model, tmp_path, changes, message):
+    args = _args(word_model, tmp_path, **changes)
+    with pytest.raises(EttinError, match=message):
+        train(args)
+    assert not os.path.exists(args.output_dir)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(word_model, tmp_path, monkeypatch):
