@@ -36,7 +36,7 @@ def test_readme_examples_run_as_printed(tmp_path):
     found = blocks()
     assert [lang for lang, _ in found] == [
         "bash", "python", "python", "python", "python", "python", "python", "bash", "python", "bash", "bash", "python",
-        "bash", "bash",
+        "bash", "bash", "bash",
     ]  # fmt: skip
     env = {**os.environ, "ETTIN_JAX_HOME": str(tmp_path / "home")}  # nothing in the real home
     # The first block makes tiny-ettin and builds the default model. The rest only read those and
@@ -51,7 +51,7 @@ def test_readme_examples_run_as_printed(tmp_path):
 
     try:
         with ThreadPoolExecutor(2) as pool:
-            chains = (1, 2, 3, 4, 6, 7, 8, 9, 13), (5, 10, 11, 12)
+            chains = (1, 2, 3, 4, 6, 7, 8, 9, 14), (5, 10, 11, 12, 13)
             for done in [pool.submit(run_chain, chain) for chain in chains]:
                 done.result()  # re-raises a chain's failure
     finally:  # a failed block must not leave the README's server running
@@ -62,6 +62,7 @@ def test_readme_examples_run_as_printed(tmp_path):
     assert (tmp_path / "tiny-classifier" / "model.safetensors").exists()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert (tmp_path / "lora-run" / "final" / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "results.json").read_text())["results"]["reversed"]["acc,none"] == 1.0
 
 

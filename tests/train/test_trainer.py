@@ -206,6 +206,29 @@ def _untimed(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("tokens_per_second", "mfu")} for r in records]
 
 
+def test_stopped_lora_run_resumes_to_identical_adapters(word_model, tmp_path):
+    """A LoRA run (with LoRA dropout) killed after step 5 resumes from its step-4 checkpoint,
+    which holds only the adapters and the head, to the adapters of a run never stopped."""
+    from safetensors.numpy import load_file
+
+    common = dict(
+        max_steps=8, save_steps=4, batch_size=4, lora_rank=4, lora_dropout=0.1, learning_rate=1e-2, eval_file=None
+    )
+    whole = _args(word_model, tmp_path, **common, output_dir=str(tmp_path / "whole"))
+    train(whole)
+    args = _args(word_model, tmp_path, **common, output_dir=str(tmp_path / "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        train(args, on_step=_stop_at(5, "crash"))
+    args.resume = True
+    train(args)
+    want, got = (
+        load_file(os.path.join(a.output_dir, "final", "adapter", "adapter_model.safetensors")) for a in (whole, args)
+    )
+    assert got.keys() == want.keys() and any("lora_B" in k for k in got)
+    for key in got:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_resume_refuses_changed_arguments(word_model, tmp_path, reference):
     args = _args(word_model, tmp_path, max_steps=2, save_steps=1)
     os.makedirs(args.output_dir)
