@@ -23,9 +23,11 @@ python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__,
 if [ "${SMALL:-0}" = 1 ]; then
     Q="--sizes 17m --batches 1 2 --prompt 16 --new 24 --short 8 --repeats 1 --engine-size 17m --requests 8 --engine-new 16 --engine-max-prompt 32"
     T="--size 17m --requests 16 --max-prompt 64 --max-new 32"
+    F="--size 17m --length 64 --batch 4 --steps 2"
 else
     Q="--sizes 1b --batches 1 64 --repeats 3 --requests 128 --engine-new 128"
     T="--size 150m --requests 192 --dtype bfloat16 --torch-device cuda"
+    F="--size 1b --dtype bfloat16 --length 1024 --batch 8 --steps 5"
 fi
 
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, its output in $OUT/NAME.log
@@ -44,3 +46,8 @@ step quantization 270 python3 benchmarks/quantization.py --parts matmul decode e
 step throughput 170 python3 benchmarks/throughput.py --sides engine hf-batch $T
 # -P: without it `python -m` puts the checkout first on the path, whose ettin_jax lacks convert/.
 step gpu-tests 90 python3 -P -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
+# Fine-tuning: LoRA against full (step time, planned memory), packed against padded (tokens/s).
+# shellcheck disable=SC2086
+step lora 120 python3 benchmarks/lora.py $F
+# shellcheck disable=SC2086
+step packing 150 python3 benchmarks/packing.py $F

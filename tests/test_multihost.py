@@ -210,6 +210,25 @@ def test_training_across_processes_and_resuming_across_topologies(workdir, monke
     _assert_close(_final(workdir / "one-then-two"), reference)
 
 
+def test_packed_lora_training_across_processes(workdir, monkeypatch):
+    """Two processes train LoRA on packed rows to the merged model and the adapter of one
+    process on the same mesh; the adapter's params are gathered from both to be written."""
+    from safetensors.numpy import load_file
+
+    monkeypatch.chdir(workdir)
+    changes = dict(lora_rank=4, pack=True, max_length=32)
+    train(TrainArgs(task="classify", model="model", train_file="train.csv", eval_file="eval.csv",
+                    output_dir="lora-one", max_steps=4, batch_size=8, learning_rate=3e-3, save_steps=2,
+                    mesh="fsdp=4,tensor=2", progress=False, **changes))  # fmt: skip
+    _ok(launch(_train_args(workdir, "lora-two", **changes), _train_args(workdir, "lora-two", **changes), cwd=workdir))
+    _assert_close(_final(workdir / "lora-two"), _final(workdir / "lora-one"))
+    adapters = [
+        load_file(workdir / run / "final" / "adapter" / "adapter_model.safetensors") for run in ("lora-one", "lora-two")
+    ]
+    assert any("lora_B" in name for name in adapters[0])
+    _assert_close(*adapters)
+
+
 @pytest.mark.parametrize(("other", "what"), [("other", "checkpoint"), ("other-config", "config")])
 def test_processes_that_disagree_stop_with_a_message(workdir, other, what):
     if other == "other-config" and not (workdir / other).exists():
