@@ -388,21 +388,19 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
 
 
 def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
-    if args.pack:
-        batches = PackedBatches(
-            prepared.train,
-            args.batch_size,
-            prepared.pad_id,
-            args.max_length,
-            grad_accum=args.grad_accum,
-            seed=args.seed,
+    if not args.pack:
+        length = args.max_length if args.task == "classify" else args.block_size
+        return Batches(
+            prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
         )
-        rows = batches.plan(0)
-        log.info("--pack: %d examples in %d rows of %d tokens (%.1f per row)",
-                 len(prepared.train), len(rows), args.max_length, len(prepared.train) / len(rows))  # fmt: skip
-        return batches
-    length = args.max_length if args.task == "classify" else args.block_size
-    return Batches(prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed)
+    length = min(args.max_length, prepared.model.config.max_position_embeddings)
+    batches = PackedBatches(
+        prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
+    )
+    rows, tokens = len(batches.plan(0)), sum(len(ids) for ids in prepared.train.ids)
+    log.info("--pack: %d examples in %d rows of %d tokens, %.1f%% of them real (epoch 0)",
+             len(prepared.train), rows, length, 100 * tokens / (rows * length))  # fmt: skip
+    return batches
 
 
 def _class_weights(args: TrainArgs, prepared: Prepared) -> np.ndarray | None:
