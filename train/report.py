@@ -15,6 +15,20 @@ from ettin_jax.train.args import TrainingError
 EVAL_PREFIX = "eval_"
 
 
+def tensorboardx() -> tuple[Any, Any, Any]:
+    """tensorboardX's event-file writer and its Event and Summary protobuf modules; a
+    TrainingError that says how to install it when it is missing (every process of a run asks
+    before it starts, so that none waits for one that failed)."""
+    try:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+    except ImportError:
+        raise TrainingError(
+            "TensorBoard logging needs tensorboardX, which is not installed: pip install 'ettin-jax[train]'"
+        ) from None
+    return EventsWriter, event_pb2, summary_pb2
+
+
 class TensorBoardWriter:
     """Scalars into a TensorBoard event file in `directory` (the trainer's: <output_dir>/tensorboard),
     written with tensorboardX's event-file writer. Tags follow transformers' TensorBoardCallback:
@@ -27,13 +41,7 @@ class TensorBoardWriter:
     logged at that step and after, as the trainer drops those lines of metrics.jsonl."""
 
     def __init__(self, directory: str, purge_step: int | None = None):
-        try:
-            from tensorboardX.event_file_writer import EventsWriter
-            from tensorboardX.proto import event_pb2, summary_pb2
-        except ImportError:
-            raise TrainingError(
-                "TensorBoard logging needs tensorboardX, which is not installed: pip install 'ettin-jax[train]'"
-            ) from None
+        EventsWriter, event_pb2, summary_pb2 = tensorboardx()
         self._event, self._summary = event_pb2.Event, summary_pb2.Summary
         os.makedirs(directory, exist_ok=True)
         self.directory = directory

@@ -377,6 +377,8 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
     prepared = prepared or prepare(args)
     train_batches = _train_batches(args, prepared)
     class_weights = _class_weights(args, prepared)
+    if args.report_to == "tensorboard":
+        report.tensorboardx()  # installed, or refused now
     created = _create_output_dir(args, resuming)
     stepped: list[int] = []  # the steps this call has run with a finite loss
     try:
@@ -388,12 +390,11 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
 
 
 def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
+    length = _row_length(args, prepared.model.config)
     if not args.pack:
-        length = args.max_length if args.task == "classify" else args.block_size
         return Batches(
             prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
         )
-    length = min(args.max_length, prepared.model.config.max_position_embeddings)
     batches = PackedBatches(
         prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
     )
@@ -401,6 +402,12 @@ def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
     log.info("--pack: %d examples in %d rows of %d tokens, %.1f%% of them real (epoch 0)",
              len(prepared.train), rows, length, 100 * tokens / (rows * length))  # fmt: skip
     return batches
+
+
+def _row_length(args: TrainArgs, config: Any) -> int:
+    """The most tokens a row holds: --max-length (classify) or --block-size (lm), within the
+    model's positions."""
+    return min(args.max_length if args.task == "classify" else args.block_size, config.max_position_embeddings)
 
 
 def _class_weights(args: TrainArgs, prepared: Prepared) -> np.ndarray | None:
@@ -521,20 +528,20 @@ def _train(
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(saved), trainer=ocp.args.JsonSave(trainer_state)),
-            metrics=None if evaluated is None else {"best_rank": best.get("rank", 0) if best["step"] == step else -1},
+            metrics=None if evaluated is None else {"best_rank": best["rank"] if best["step"] == step else -1},
             force=True,
         )  # fmt: skip
 
     eval_every = args.eval_steps or args.save_steps
 
-    def at(strategy: str, every: int, epoch_end: bool) -> bool:
-        """Whether this step evaluates or saves: every `every` steps, or at each epoch's end."""
+    def at(strategy: str, every: int, step: int, epoch_end: bool) -> bool:
+        """Whether `step` evaluates or saves: every `every` steps, or at each epoch's end."""
         return epoch_end if strategy == "epoch" else step % every == 0
 
     # Throughput: real (not padding) tokens per second, and MFU where the device's peak is known.
     device = jax.devices()[0]
     peak = platforms.peak_flops(device, args.dtype)
-    peak = None if peak is None else peak * jax.device_count()
+    peak = None if peak is None else peak * (1 if mesh is None else mesh.devices.size)
     tensorboard = None
     if primary and args.report_to == "tensorboard":
         tensorboard = report.TensorBoardWriter(
@@ -542,22 +549,26 @@ def _train(
         )
     step, window = start, []
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
-    status = "finished"
+
+    def patience_spent() -> bool:
+        patience = args.early_stopping_patience
+        return patience is not None and best["stale"] >= patience
+
+    # A run that stopped early, resumed, stays stopped: straight to its export.
+    status = "stopped early" if patience_spent() and step < total else "finished"
     try:
         log_to = metrics_path if primary else os.devnull
         with distributed.Preemption() as preemption, open(log_to, "a", encoding="utf-8") as metrics_file:
-            while step < total:
+            while step < total and status == "finished":
                 started = time.perf_counter()
                 batch, _ = train_batches.batch(position["epoch"], position["index"])
-                work = _step_work(batch, model.config, args.task)  # (real tokens, model FLOPs)
+                work = _step_work(batch, model.config, args.task, args.lora_rank is not None)  # (tokens, FLOPs)
                 if mesh is not None:
                     batch = sharding.put_batch(batch, mesh, axis=1)  # (K, B, ...): rows split
                 state, m = steps.train_step(state, batch, jax.random.fold_in(state.rng, state.step))
                 m = {k: sharding.to_host(v) for k, v in m.items()}
-                position["index"] += 1
-                epoch_end = position["index"] == train_batches.count(position["epoch"])
-                if epoch_end:
-                    position = {"epoch": position["epoch"] + 1, "index": 0}
+                position = _advance(position, train_batches)
+                epoch_end = position["index"] == 0
                 step += 1
                 loss = float(m["loss"])
                 if not math.isfinite(loss):
@@ -594,7 +605,7 @@ def _train(
                         record.update(report.throughput(*map(sum, zip(*timed, strict=True)), peak))
                     window = []
                 evaluated = None
-                if prepared.eval is not None and (step == total or at(args.eval_strategy, eval_every, epoch_end)):
+                if prepared.eval is not None and (step == total or at(args.eval_strategy, eval_every, step, epoch_end)):
                     evaluated = evaluate(state, prepared, args)
                     record = {**record, "step": step, **evaluated}
                     value = evaluated.get(args.metric_for_best)
@@ -604,9 +615,9 @@ def _train(
                             f"choose one of {sorted(evaluated)}"
                         )
                     if metrics.is_better(args.metric_for_best, value, best["value"]):
-                        best = {"step": step, "value": value, "rank": best.get("rank", 0) + 1, "stale": 0}
+                        best = {"step": step, "value": value, "rank": best["rank"] + 1, "stale": 0}
                     else:
-                        best["stale"] = best.get("stale", 0) + 1  # evaluations since the best
+                        best["stale"] += 1  # evaluations since the best
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()))
                 if record:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -617,14 +628,18 @@ def _train(
                 if on_step is not None:
                     on_step(step, m)
                 stop = preemption.agreed()
-                patience = args.early_stopping_patience
-                early = patience is not None and evaluated is not None and best.get("stale", 0) >= patience
-                if step == total or at(args.save_strategy, args.save_steps, epoch_end) or evaluated is not None or stop:
+                early = evaluated is not None and patience_spent()
+                if (
+                    step == total
+                    or at(args.save_strategy, args.save_steps, step, epoch_end)
+                    or evaluated is not None
+                    or stop
+                ):
                     save(step, evaluated)
                 if early and step < total:
                     status = "stopped early"
                     log.info("%s has not improved for %d evaluations: stopped at step %d",
-                             args.metric_for_best, patience, step)  # fmt: skip
+                             args.metric_for_best, args.early_stopping_patience, step)  # fmt: skip
                     break
                 if stop and step < total:
                     status = "preempted"
@@ -656,19 +671,29 @@ def _train(
     return summary
 
 
-def _step_work(batch: dict[str, np.ndarray], config: Any, task: str) -> tuple[int, float]:
-    """A training batch's real (not padding) tokens and its model FLOPs (forward and backward)."""
+def _advance(position: dict[str, int], batches: Batches) -> dict[str, int]:
+    """The data position after the batch at `position`: the next batch of its epoch, or the first
+    of the next epoch that has one (packed rows may fall short of a batch in some epoch)."""
+    epoch, index = position["epoch"], position["index"] + 1
+    while index >= batches.count(epoch):
+        epoch, index = epoch + 1, 0
+    return {"epoch": epoch, "index": index}
+
+
+def _step_work(batch: dict[str, np.ndarray], config: Any, task: str, adapted: bool) -> tuple[int, float]:
+    """A training batch's real (not padding) tokens and its model FLOPs: the forward's, times 3
+    with the backward (gradients of activations and of weights), times 2 under LoRA, whose
+    frozen weights take no gradient (its adapters' own FLOPs are a rounding error)."""
     k, b, length = batch["input_ids"].shape
-    flops = platforms.model_flops(config, k * b, length, training=True, causal_lm=task == "lm")
-    return int(batch["attention_mask"].sum()), flops
+    forward = platforms.model_flops(config, k * b, length, causal_lm=task == "lm")
+    return int(batch["attention_mask"].sum()), forward * (2 if adapted else 3)
 
 
 def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float]:
     """Eval metrics, each prefixed `eval_`."""
     mesh = sharding.mesh_of(state.params)
     size = args.eval_batch_size or args.batch_size
-    length = args.max_length if args.task == "classify" else args.block_size
-    batches = Batches(prepared.eval, size, prepared.pad_id, length, shuffle=False)
+    batches = Batches(prepared.eval, size, prepared.pad_id, _row_length(args, prepared.model.config), shuffle=False)
     sums, counts, logits = [], [], []
     for batch, rows in batches.epoch(0):
         batch = {k: v[0] for k, v in batch.items()}
@@ -684,7 +709,7 @@ def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float
         result = metrics.lm_metrics(loss_sum, int(count))
     else:
         result = {
-            "loss": loss_sum / max(count, 1.0),
+            "loss": loss_sum / (count if count > 0 else 1.0),  # class weights may sum to less than 1
             **metrics.classification_metrics(
                 np.concatenate(logits),
                 prepared.eval.labels,

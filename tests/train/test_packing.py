@@ -11,6 +11,7 @@ import pytest
 from helpers import VOCAB
 
 from ettin_jax import ModernBertDecoderForSequenceClassification
+from ettin_jax.losses import row_losses
 from ettin_jax.train.data import Batches, DataError, Examples, PackedBatches, pack_blocks, positions_of
 from ettin_jax.train.optim import OptimizerConfig, make_optimizer
 from ettin_jax.train.steps import create_train_state, gradients
@@ -49,8 +50,9 @@ def causal(causal_pair):
 
 def test_packed_block_equals_each_document_alone(causal):
     """Logits of every document's tokens in a packed block equal those of the document alone,
-    past the sliding window (documents longer than it) and across every layer kind."""
-    texts = _texts([9, 3, 14, 6, 11, 2])
+    past the sliding window (documents longer than it) and across every layer kind; so do the
+    losses."""
+    texts = _texts([9, 3, 6, 14, 6])  # with BOS and EOS: 11 + 5 + 8 and 16 + 8, two blocks of 24
     blocks, segments = pack_blocks(_Tokenizer(), texts, 24, BOS, EOS)
     examples = Examples(ids=list(blocks), labels=None, segments=list(segments))
     batch, _ = Batches(examples, len(blocks), PAD, 24, shuffle=False).batch(0, 0)
@@ -67,9 +69,18 @@ def test_packed_block_equals_each_document_alone(causal):
             np.testing.assert_allclose(packed[row, where], alone, atol=2e-5, rtol=0)
             checked += 1
     assert checked > len(blocks)  # some block holds more than one document
-    # No target crosses a boundary: each segment's first token is not predicted.
+    # No target crosses a boundary: each segment's first token is not predicted, and the block's
+    # loss is the sum of each document's own.
     starts = batch["position_ids"][:, 1:] == 0
     assert starts.any() and (batch["labels"][:, 1:][starts] == -100).all()
+    sums, counts = row_losses("causal_lm", packed, batch["labels"])
+    alone_sums = alone_counts = 0.0
+    for text in texts:
+        ids = np.array([BOS, *map(int, text.split()), EOS], np.int32)[None]
+        s, c = row_losses("causal_lm", causal(ids).logits, ids)
+        alone_sums, alone_counts = alone_sums + float(s[0]), alone_counts + float(c[0])
+    assert float(np.sum(counts)) == alone_counts
+    np.testing.assert_allclose(float(np.sum(sums)), alone_sums, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +150,15 @@ def test_packing_fills_rows_better_than_padding():
         return real / total
 
     assert fill(packed) > 0.9 > fill(padded) + 0.2
+
+
+def test_an_epoch_packed_short_of_a_batch_is_skipped():
+    """Each epoch packs its own shuffle, so one may fall short of a whole batch: the trainer's
+    data position moves past it to the next epoch's first batch."""
+    from ettin_jax.train.trainer import _advance
+
+    ids = [np.full(n, 5, np.int32) for n in (12, 5, 8, 3, 15, 3)]
+    batches = PackedBatches(Examples(ids=ids, labels=np.zeros(len(ids), np.int32)), 4, PAD, 16, seed=722)
+    counts = [batches.count(epoch) for epoch in range(4)]
+    assert counts == [1, 1, 0, 1]
+    assert _advance({"epoch": 1, "index": 0}, batches) == {"epoch": 3, "index": 0}

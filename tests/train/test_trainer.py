@@ -101,6 +101,11 @@ def test_epoch_strategies_early_stopping_and_best_model_at_end(word_model, tmp_p
     assert sorted(int(n) for n in os.listdir(os.path.join(args.output_dir, "checkpoints"))) == [4, 8, 12]
     final, best = (exported_params(os.path.join(args.output_dir, d)) for d in ("final", "best"))
     assert final.keys() == best.keys() and all(np.array_equal(final[k], best[k]) for k in final)
+    # Resumed, a run that stopped early stays stopped: no step more.
+    args.resume = True
+    summary = train(args)
+    assert summary["status"] == "stopped early" and summary["step"] == 12
+    assert [r["step"] for r in run_records(args.output_dir) if "eval_accuracy" in r] == [4, 8, 12]
 
 
 def test_packed_lora_learns_exports_merged_and_peft_and_logs_to_tensorboard(word_model, tmp_path, monkeypatch):
