@@ -57,8 +57,14 @@ class TrainArgs:
         tasks=("lm",),
     )
     tokenizer: str | None = _arg(None, "a tokenizer directory (default: the model's); needed with --config")
-    train_file: str = _arg(help=".csv, .jsonl or .parquet")
+    train_file: str | None = _arg(None, ".csv, .jsonl or .parquet (or --dataset)")
     eval_file: str | None = _arg(None, ".csv, .jsonl or .parquet")
+    dataset: str | None = _arg(
+        None, "train on a dataset that datasets.load_dataset reads: a Hub id or a local directory"
+    )
+    dataset_config: str | None = _arg(None, "the --dataset's configuration (its name on the Hub)")
+    split: str | None = _arg(None, "the --dataset's split to train on (default: train)")
+    eval_split: str | None = _arg(None, "a split of --dataset to evaluate on")
     text_column: str = _arg("text", "the column of texts")
     text_pair_column: str | None = _arg(None, "a second text column (sentence pairs)", tasks=("classify",))
     label_column: str = _arg("label", "the column of labels", tasks=("classify",))
@@ -105,8 +111,9 @@ class TrainArgs:
     )
     class_weights: str | None = _arg(
         None,
-        "weigh each class in the loss: auto (n / (classes x count), balanced; multi-label: negatives / positives "
-        "of each label, as pos_weight) or one weight per class, comma-separated, in the label order",
+        "weigh each class in the loss: auto (n / (classes x count), balanced) or one weight per class, "
+        "comma-separated, in the label order; multi-label: each label's positive term only (pos_weight; auto: "
+        "negatives / positives)",
         tasks=("classify",),
     )
     label_smoothing: float = _arg(0.0, "label smoothing of the cross-entropy (single-label and lm)")
@@ -152,8 +159,16 @@ class TrainArgs:
             value = getattr(self, field.name)
             if choices and value is not None and value not in choices:
                 raise TrainingError(f"{_flag(field.name)} must be one of {', '.join(choices)}, got {value!r}")
-        for name in ("train_file", "output_dir", "text_column", "label_column"):
-            if not getattr(self, name).strip():
+        if (self.train_file is None) == (self.dataset is None):
+            raise TrainingError("give exactly one of --train-file and --dataset")
+        if self.dataset is None:
+            for name in ("dataset_config", "split", "eval_split"):
+                if getattr(self, name) is not None:
+                    raise TrainingError(f"{_flag(name)} picks from --dataset: pass --dataset too")
+        if self.eval_file is not None and self.eval_split is not None:
+            raise TrainingError("--eval-file and --eval-split both name an evaluation set; pass one")
+        for name in ("train_file", "dataset", "output_dir", "text_column", "label_column"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise TrainingError(f"{_flag(name)} must not be empty")
         if (self.epochs is None) == (self.max_steps is None):
             raise TrainingError("give exactly one of --epochs and --max-steps")
@@ -203,7 +218,7 @@ class TrainArgs:
         if self.tokenizer is not None and not self.tokenizer.strip():
             raise TrainingError("--tokenizer must not be empty")
         for name in ("early_stopping_patience", "load_best_model_at_end"):
-            if getattr(self, name) and self.eval_file is None:
+            if getattr(self, name) and self.eval_file is None and self.eval_split is None:
                 raise TrainingError(f"{_flag(name)} picks by --metric-for-best on the evaluation set: pass --eval-file")
         if not 0 <= self.label_smoothing < 1:
             raise TrainingError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")

@@ -37,9 +37,9 @@ from ettin_jax.config import ETTIN_SIZES, ModernBertDecoderConfig
 from ettin_jax.convert import load_pretrained, resolve, save_transformers, transformers_state_dict
 from ettin_jax.files import publish, staging_dir_for, write_json, write_jsonl
 from ettin_jax.modeling import ModernBertDecoderForCausalLM, ModernBertDecoderForSequenceClassification
-from ettin_jax.train import data, lora, metrics, report, steps
+from ettin_jax.train import data, lora, metrics, report, steps, stream
 from ettin_jax.train.args import TrainArgs, TrainingError, parse_class_weights
-from ettin_jax.train.data import Batches, Examples, PackedBatches
+from ettin_jax.train.data import Batches, Examples
 from ettin_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 log = logging.getLogger("ettin_jax.train")
@@ -165,8 +165,9 @@ def prepare(args: TrainArgs) -> Prepared:
     """Reads and checks the data (before the model is touched: a bad file or column fails fast),
     then tokenizes it and loads the model with a head for its labels (sharded over `args.mesh` if
     given), or with `args.config`, a new causal LM with random weights from `args.seed`. Every
-    process reads all the data: batches are built the same everywhere, and each
-    process places only its own devices' rows."""
+    process indexes all the data (`stream`: byte offsets and labels, no texts are held); a
+    batch's texts are read and tokenized as training reaches it, each process only its own
+    devices' rows."""
     from transformers import AutoTokenizer
 
     mesh = sharding.mesh_from_arg(args.mesh)
@@ -175,22 +176,10 @@ def prepare(args: TrainArgs) -> Prepared:
         if size is not None and size % ways:
             raise TrainingError(f"{flag} {size} does not split over the mesh's {ways} batch shards (data x fsdp)")
 
-    tables = {"train": data.read_table(args.train_file)}
-    if args.eval_file:
-        tables["eval"] = data.read_table(args.eval_file)
-    paths = {"train": args.train_file, "eval": args.eval_file}
-    texts = {split: data.texts(t, args.text_column, paths[split]) for split, t in tables.items()}
+    tables = _index_data(args)
+    paths = {split: t.name for split, t in tables.items()}
     if args.task == "classify":
-        pairs = {
-            split: data.texts(t, args.text_pair_column, paths[split]) if args.text_pair_column else None
-            for split, t in tables.items()
-        }
-        values = {
-            split: data.read_labels(
-                data.column(t, args.label_column, paths[split]), paths[split], args.label_column, t.lines
-            )
-            for split, t in tables.items()
-        }
+        values = {split: t.labels for split, t in tables.items()}
         kind = args.problem_type or data.infer_problem_type(
             values["train"], paths["train"], args.label_column, tables["train"].lines
         )
@@ -219,9 +208,8 @@ def prepare(args: TrainArgs) -> Prepared:
     if args.task == "lm":
         block = min(args.block_size, config.max_position_embeddings)
         examples = {}
-        for split, split_texts in texts.items():
-            blocks, segments = data.pack_blocks(tokenizer, split_texts, block, bos, eos)
-            examples[split] = Examples(ids=list(blocks), labels=None, segments=list(segments))
+        for split, t in tables.items():
+            examples[split] = stream.lm_blocks(t, tokenizer, args.text_column, block, bos, eos)
         if scratch:
             model = _new_model(config, dtype, args.seed, mesh)
         else:
@@ -237,20 +225,17 @@ def prepare(args: TrainArgs) -> Prepared:
         "labels: %s%s%s",
         kind,
         "" if kind == "regression" else f", {len(names)} classes",
-        "" if args.problem_type else f" (inferred from {args.train_file}; --problem-type chooses another)",
+        "" if args.problem_type else f" (inferred from {paths['train']}; --problem-type chooses another)",
     )
     examples = {}
     for split, t in tables.items():
         labels = data.encode_labels(values[split], kind, names, paths[split], args.label_column, t.lines)
         # --pack refuses a training example longer than a row (PackedBatches) rather than cut it.
         limit = config.max_position_embeddings if args.pack and split == "train" else max_length
-        ids, truncated = data.tokenize_pairs(tokenizer, texts[split], pairs[split], limit, bos)
-        examples[split] = Examples(ids, labels, truncated)
-        if truncated:
-            log.warning(
-                "%d of %d %s texts were longer than --max-length %d tokens and were truncated",
-                truncated, len(ids), split, max_length,
-            )  # fmt: skip
+        t.labels = None  # encoded: the raw column is no longer needed
+        # Tokenized as batches need them; TokenizedRows warns when it truncates a text.
+        ids = stream.TokenizedRows(t, tokenizer, args.text_column, args.text_pair_column, limit, bos, split)
+        examples[split] = Examples(ids, labels)
     model = load_pretrained(
         ModernBertDecoderForSequenceClassification,
         directory,
@@ -266,6 +251,24 @@ def prepare(args: TrainArgs) -> Prepared:
     return Prepared(
         model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id, args.model or directory
     )
+
+
+def _index_data(args: TrainArgs) -> dict[str, stream.RowIndex]:
+    """Each split's row index, every row checked: --train-file and --eval-file, or --dataset's
+    --split and --eval-split."""
+    columns: dict[str, Any] = {"text_column": args.text_column}
+    if args.task == "classify":
+        columns.update(pair_column=args.text_pair_column, label_column=args.label_column)
+    if args.dataset is not None:
+        where = {"dataset": args.dataset, "config": args.dataset_config}
+        tables = {"train": stream.index_split(**where, split=args.split or "train", **columns)}
+        if args.eval_split:
+            tables["eval"] = stream.index_split(**where, split=args.eval_split, **columns)
+        return tables
+    tables = {"train": stream.index_split(args.train_file, **columns)}
+    if args.eval_file:
+        tables["eval"] = stream.index_split(args.eval_file, **columns)
+    return tables
 
 
 def _with_lora(model: Any, args: TrainArgs) -> None:
@@ -391,14 +394,18 @@ def train(args: TrainArgs, prepared: Prepared | None = None, *, on_step: Any = N
 
 def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
     length = _row_length(args, prepared.model.config)
-    if not args.pack:
+    if args.task == "lm":  # blocks read from the token file: nothing to tokenize
         return Batches(
             prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
         )
-    batches = PackedBatches(
+    if not args.pack:  # each process tokenizes the rows its devices hold, as batches come
+        held = stream.held_rows(sharding.mesh_from_arg(args.mesh), args.batch_size, args.grad_accum)
+        return stream.StreamBatches(prepared.train, args.batch_size, prepared.pad_id, length,
+                                    grad_accum=args.grad_accum, seed=args.seed, held=held)  # fmt: skip
+    batches = stream.PackedStream(
         prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
     )
-    rows, tokens = len(batches.plan(0)), sum(len(ids) for ids in prepared.train.ids)
+    rows, tokens = len(batches.plan(0)), int(prepared.train.ids.lengths.sum())
     log.info("--pack: %d examples in %d rows of %d tokens, %.1f%% of them real (epoch 0)",
              len(prepared.train), rows, length, 100 * tokens / (rows * length))  # fmt: skip
     return batches
