@@ -606,4 +606,3 @@ def _pool_positions(positions: Any, batch: int, length: int) -> Array:
     if values is not None and values.size and (values.min() < 0 or values.max() >= length):
         raise InputError(f"pool_positions must lie in [0, {length}), got values from {values.min()} to {values.max()}")
     return positions.astype(jnp.int32)
-
