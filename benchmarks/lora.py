@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -97,7 +98,7 @@ def main() -> None:
     machine = cpu_model() if device.platform == "cpu" else device.device_kind
     lines = [
         f"\n### LoRA against full fine-tuning, {args.size} {args.dtype}, {machine} ({datetime.date.today().isoformat()})\n",
-        f"`python benchmarks/lora.py {' '.join(sys.argv[1:])}` ({platform.python_version()}, jax {jax.__version__}): "
+        f"`{shlex.join(['python', 'benchmarks/lora.py', *sys.argv[1:]])}` ({platform.python_version()}, jax {jax.__version__}): "
         f"causal LM, {args.batch} x {args.length} tokens per step, AdamW, LoRA rank {args.rank} on every attention "
         f"and MLP projection; median of {args.steps} steps after one compiling step, sides alternating. "
         "Planned memory is XLA's for the compiled step (arguments + outputs + temporaries, donated state once).\n",

@@ -22,6 +22,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -126,7 +127,7 @@ def main() -> None:
     lines = [
         f"\n### Packed against padded training, {args.size} {args.dtype}, {machine} "
         f"({datetime.date.today().isoformat()})\n",
-        f"`python benchmarks/packing.py {' '.join(sys.argv[1:])}` ({platform.python_version()}, jax "
+        f"`{shlex.join(['python', 'benchmarks/packing.py', *sys.argv[1:]])}` ({platform.python_version()}, jax "
         f"{jax.__version__}): {args.batch} rows of at most {args.length} tokens per step, {args.steps} timed steps "
         "per side; log-normal lengths (lm: median 120 tokens, classify: median 40). Real tokens are the rows' "
         "non-padding tokens.\n",

@@ -203,7 +203,12 @@ def _train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "items": count}
+    metrics = {
+        "loss": total / count,
+        "grad_norm": optax.global_norm(grads),
+        "items": count,
+        "tokens": jnp.sum(batch["attention_mask"]),  # real tokens, on every process (the batch is global)
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -212,7 +217,7 @@ _train_step_program = compilation.jit(_train_step, donate_argnums=(0,))
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step, jitted: (new state, {"loss", "grad_norm", "items"}). `rng` is the
+    """One optimizer step, jitted: (new state, {"loss", "grad_norm", "items", "tokens"}). `rng` is the
     step's dropout key; the trainer passes fold_in(state.rng, state.step). The state is donated:
     its buffers are reused for the new one, so do not use `state` afterwards."""
     with sharding.activate(sharding.mesh_of(state.params)):

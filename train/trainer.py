@@ -552,7 +552,7 @@ def _train(
     tensorboard = None
     if primary and args.report_to == "tensorboard":
         tensorboard = report.TensorBoardWriter(
-            os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None
+            os.path.join(out, "tensorboard"), purge_step=start + 1 if resuming else None
         )
     step, window = start, []
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not args.progress, dynamic_ncols=True)
@@ -569,7 +569,7 @@ def _train(
             while step < total and status == "finished":
                 started = time.perf_counter()
                 batch, _ = train_batches.batch(position["epoch"], position["index"])
-                work = _step_work(batch, model.config, args.task, args.lora_rank is not None)  # (tokens, FLOPs)
+                flops = _step_flops(batch, model.config, args.task, args.lora_rank is not None)
                 if mesh is not None:
                     batch = sharding.put_batch(batch, mesh, axis=1)  # (K, B, ...): rows split
                 state, m = steps.train_step(state, batch, jax.random.fold_in(state.rng, state.step))
@@ -588,10 +588,11 @@ def _train(
                            if last is not None else "No checkpoint was saved before it.")
                     )  # fmt: skip
                 stepped.append(step)  # a step with a finite loss: from here on, the run is kept
-                seconds = time.perf_counter() - started  # the first step's compiles it: not counted
-                window.append((loss, float(m["grad_norm"]), None if step == start + 1 else (seconds, *work)))
+                # Throughput, in real (not padding) tokens; not of the first step, which compiles.
+                work = (time.perf_counter() - started, int(m["tokens"]), flops)
+                window.append((loss, float(m["grad_norm"]), None if step == start + 1 else work))
                 if tensorboard is not None:
-                    timed = {} if step == start + 1 else report.throughput(seconds, *work, peak)
+                    timed = {} if step == start + 1 else report.throughput(*work, peak)
                     learning_rate = float(schedule(step - 1))
                     tensorboard.write({"loss": loss, "learning_rate": learning_rate, **timed}, step)
                 bar.update(1)
@@ -687,13 +688,13 @@ def _advance(position: dict[str, int], batches: Batches) -> dict[str, int]:
     return {"epoch": epoch, "index": index}
 
 
-def _step_work(batch: dict[str, np.ndarray], config: Any, task: str, adapted: bool) -> tuple[int, float]:
-    """A training batch's real (not padding) tokens and its model FLOPs: the forward's, times 3
-    with the backward (gradients of activations and of weights), times 2 under LoRA, whose
-    frozen weights take no gradient (its adapters' own FLOPs are a rounding error)."""
+def _step_flops(batch: dict[str, np.ndarray], config: Any, task: str, adapted: bool) -> float:
+    """A training batch's model FLOPs: the forward's, times 3 with the backward (gradients of
+    activations and of weights), times 2 under LoRA, whose frozen weights take no gradient (the
+    adapters' own FLOPs are a rounding error)."""
     k, b, length = batch["input_ids"].shape
     forward = platforms.model_flops(config, k * b, length, causal_lm=task == "lm")
-    return int(batch["attention_mask"].sum()), forward * (2 if adapted else 3)
+    return forward * (2 if adapted else 3)
 
 
 def evaluate(state: Any, prepared: Prepared, args: TrainArgs) -> dict[str, float]:
