@@ -58,7 +58,18 @@ def compile_train(mesh, config, batch: int, length: int, remat: bool):
     replicated = NamedSharding(mesh, PartitionSpec())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-    state = TrainState(scalar, params, opt_state, key, rest, graphdef, tx, "causal_lm")
+    state = TrainState(
+        step=scalar,
+        params=params,
+        frozen={},
+        opt_state=opt_state,
+        rng=key,
+        rest=rest,
+        class_weights=None,
+        graphdef=graphdef,
+        tx=tx,
+        task="causal_lm",
+    )
     rows = sharding.batch_sharding(mesh, 3, axis=1, size=batch)
     tokens = jax.ShapeDtypeStruct((1, batch, length), jnp.int32, sharding=rows)
     batch_ = {"input_ids": tokens, "attention_mask": tokens, "labels": tokens}

@@ -217,8 +217,8 @@ def _train_step_jaxpr(config: ej.ModernBertDecoderConfig, mesh=None):
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-4))
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     state = steps.TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params), key, rest, graphdef, tx,
-        "causal_lm",
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, frozen={}, opt_state=jax.eval_shape(tx.init, params),
+        rng=key, rest=rest, class_weights=None, graphdef=graphdef, tx=tx, task="causal_lm",
     )  # fmt: skip
     tokens = jax.ShapeDtypeStruct((1, 8, 64), jnp.int32)
     batch = {"input_ids": tokens, "attention_mask": tokens, "labels": tokens}
