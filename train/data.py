@@ -526,19 +526,23 @@ class PackedBatches(Batches):
     def __init__(self, examples: Examples, micro_batch: int, pad_id: int, max_length: int, *, grad_accum: int = 1,
                  seed: int = 0):  # fmt: skip
         super().__init__(examples, micro_batch, pad_id, max_length, grad_accum=grad_accum, seed=seed, shuffle=True)
-        for row, ids in enumerate(examples.ids, 1):
-            if len(ids) > max_length:
-                raise DataError(
-                    f"example {row} has {len(ids)} tokens, more than --max-length {max_length}: --pack puts whole "
-                    "examples in rows of --max-length tokens. Raise --max-length, or train without --pack, which "
-                    "truncates"
-                )
+        self.lengths = self._lengths()  # (N,) each example's tokens
+        longer = np.flatnonzero(self.lengths > max_length)
+        if len(longer):
+            raise DataError(
+                f"example {longer[0] + 1} has {self.lengths[longer[0]]} tokens, more than --max-length {max_length}: "
+                "--pack puts whole examples in rows of --max-length tokens. Raise --max-length, or train without "
+                "--pack, which truncates"
+            )
         self._plans: dict[int, list[list[int]]] = {}
         if self.count(0) == 0:
             raise DataError(
                 f"the training set packs into {len(self.plan(0))} rows of {max_length} tokens, fewer than one batch "
                 f"of {self.rows} (batch size {micro_batch} x gradient accumulation {grad_accum})"
             )
+
+    def _lengths(self) -> np.ndarray:
+        return np.array([len(ids) for ids in self.examples.ids], np.int64)
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The rows of `epoch`, each a list of example indices."""
@@ -550,7 +554,7 @@ class PackedBatches(Batches):
         rows: list[list[int]] = []
         room: list[int] = []  # free tokens of each row
         for i in order.tolist():
-            n = len(self.examples.ids[i])
+            n = int(self.lengths[i])
             first = max(0, len(rows) - self.OPEN_ROWS)
             row = next((r for r in range(first, len(rows)) if room[r] >= n), None)
             if row is None:

@@ -504,40 +504,14 @@ class PackedStream(_Ahead, PackedBatches):
 
     def __init__(self, examples: Examples, micro_batch: int, pad_id: int, max_length: int, *, grad_accum: int = 1,
                  seed: int = 0, threads: int | None = None):  # fmt: skip
-        Batches.__init__(self, examples, micro_batch, pad_id, max_length, grad_accum=grad_accum, seed=seed)
-        threads = threads or data_threads()
-        lengths = examples.ids.lengths if examples.ids.lengths is not None else examples.ids.count_tokens(threads)
-        longer = np.flatnonzero(lengths > max_length)
-        if len(longer):
-            row = int(longer[0]) + 1
-            raise DataError(
-                f"example {row} has {lengths[row - 1]} tokens, more than --max-length {max_length}: --pack puts "
-                "whole examples in rows of --max-length tokens. Raise --max-length, or train without --pack, which "
-                "truncates"
-            )
-        self._plans: dict[int, list[list[int]]] = {}
-        self._start(threads)
-        if self.count(0) == 0:
-            raise DataError(
-                f"the training set packs into {len(self.plan(0))} rows of {max_length} tokens, fewer than one batch "
-                f"of {self.rows} (batch size {micro_batch} x gradient accumulation {grad_accum})"
-            )
+        self._threads = threads or data_threads()
+        self._start(self._threads)
+        PackedBatches.__init__(self, examples, micro_batch, pad_id, max_length, grad_accum=grad_accum, seed=seed)
 
-    def _pack(self, order: np.ndarray) -> list[list[int]]:
-        lengths = self.examples.ids.lengths
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for i in order.tolist():
-            n = int(lengths[i])
-            first = max(0, len(rows) - self.OPEN_ROWS)
-            row = next((r for r in range(first, len(rows)) if room[r] >= n), None)
-            if row is None:
-                rows.append([])
-                room.append(self.max_length)
-                row = len(rows) - 1
-            rows[row].append(i)
-            room[row] -= n
-        return rows
+    def _lengths(self) -> np.ndarray:
+        """Counted once, in worker threads, unless known already."""
+        ids = self.examples.ids
+        return ids.lengths if ids.lengths is not None else ids.count_tokens(self._threads)
 
     def _mine(self, epoch: int, index: int) -> np.ndarray:
         rows = self.plan(epoch)[index * self.rows : (index + 1) * self.rows]

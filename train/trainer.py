@@ -405,7 +405,7 @@ def _train_batches(args: TrainArgs, prepared: Prepared) -> Batches:
     batches = stream.PackedStream(
         prepared.train, args.batch_size, prepared.pad_id, length, grad_accum=args.grad_accum, seed=args.seed
     )
-    rows, tokens = len(batches.plan(0)), int(prepared.train.ids.lengths.sum())
+    rows, tokens = len(batches.plan(0)), int(batches.lengths.sum())
     log.info("--pack: %d examples in %d rows of %d tokens, %.1f%% of them real (epoch 0)",
              len(prepared.train), rows, length, 100 * tokens / (rows * length))  # fmt: skip
     return batches
