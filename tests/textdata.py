@@ -54,3 +54,12 @@ def write_rows(path, rows: list[dict]) -> str:
 
         pq.write_table(pa.Table.from_pylist(rows), path)
     return path
+
+
+def dataset_dir(root, train: int, test: int) -> str:
+    """A dataset directory as `datasets.load_dataset` reads one: data/train.jsonl and
+    data/test.jsonl, `train` and `test` rows of the XOR task."""
+    (root / "data").mkdir(parents=True)
+    write_rows(root / "data" / "train.jsonl", xor_rows(train, seed=0))
+    write_rows(root / "data" / "test.jsonl", xor_rows(test, seed=1))
+    return str(root)

@@ -458,11 +458,11 @@ class Batches:
                 f"(batch size {micro_batch} x gradient accumulation {grad_accum})"
             )
         self.rows = rows
-        self.num_batches = len(examples) // rows if shuffle else math.ceil(len(examples) / rows)
+        self._count = len(examples) // rows if shuffle else math.ceil(len(examples) / rows)
 
     def count(self, epoch: int) -> int:
-        """The number of batches in `epoch`."""
-        return self.num_batches
+        """The number of batches in `epoch` (the same in every epoch here; not in `PackedBatches`)."""
+        return self._count
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:

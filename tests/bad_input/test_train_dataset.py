@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from textdata import write_rows, xor_rows
+from textdata import dataset_dir
 
 from ettin_jax.train import DataError, TrainArgs, TrainingError, train
 
@@ -15,11 +15,7 @@ NO_MODEL = "/nonexistent/ettin-model"  # reading it would fail: the checks must 
 
 @pytest.fixture
 def dataset(tmp_path) -> str:
-    root = tmp_path / "dataset"
-    (root / "data").mkdir(parents=True)
-    write_rows(root / "data" / "train.jsonl", xor_rows(8, seed=0))
-    write_rows(root / "data" / "test.jsonl", xor_rows(4, seed=1))
-    return str(root)
+    return dataset_dir(tmp_path / "dataset", 8, 4)
 
 
 def _args(tmp_path, **changes) -> TrainArgs:

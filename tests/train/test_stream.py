@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from textdata import word_tokenizer, write_rows, xor_rows
+from textdata import dataset_dir, word_tokenizer, write_rows, xor_rows
 
 from ettin_jax.train import TrainArgs, stream, train
 from ettin_jax.train.data import (
@@ -128,18 +128,9 @@ def test_each_process_tokenizes_only_its_rows(tmp_path, monkeypatch, processes):
             np.testing.assert_array_equal(assembled[name], value.reshape(rows, *value.shape[2:]), err_msg=name)
 
 
-def _dataset_dir(tmp_path) -> str:
-    """A dataset directory as `datasets.load_dataset` reads one: data/<split>.jsonl."""
-    root = tmp_path / "dataset"
-    (root / "data").mkdir(parents=True)
-    write_rows(root / "data" / "train.jsonl", xor_rows(64, seed=0))
-    write_rows(root / "data" / "test.jsonl", xor_rows(16, seed=1))
-    return str(root)
-
-
 def test_a_dataset_directory_trains(word_model, tmp_path):
     args = TrainArgs(
-        task="classify", model=word_model, dataset=_dataset_dir(tmp_path), eval_split="test",
+        task="classify", model=word_model, dataset=dataset_dir(tmp_path / "dataset", 64, 16), eval_split="test",
         output_dir=str(tmp_path / "out"), max_steps=3, batch_size=8, save_steps=3, max_length=16, progress=False,
     )  # fmt: skip
     summary = train(args)
