@@ -5,10 +5,11 @@ Each side is a command that starts a server and the base URL it answers on. The 
 random transformers checkpoint (the `--size` shape, seed 0, a bias on the EOS logit as in
 `benchmarks/throughput.py`) with a word-level tokenizer beside it, then for each side in turn:
 starts the server as a subprocess on a free port, polls `GET /health` until it answers 200,
-warms it up at each `--concurrency` in turn (one prompt at each power-of-two length and some
-random ones: compilation and lazy start-up are not measured), runs the load at each
-`--concurrency`, and stops it (SIGTERM to its process group, SIGKILL after 30 s). The sides never
-run at the same time.
+warms it up at each `--concurrency` in turn (`--warmup-rounds` rounds, each one prompt at each
+power-of-two length and some random ones: compilation and lazy start-up are not measured; our
+server's `/metrics` counts the programs it compiled, and the output says how many it compiled
+during each measured level), runs the load at each `--concurrency`, and stops it (SIGTERM to
+its process group, SIGKILL after 30 s). The sides never run at the same time.
 
 The load: at concurrency N, N clients (asyncio and aiohttp, one connection each) take requests
 from one shared list; each sends the next as soon as its last one ended. Requests are the
@@ -137,14 +138,15 @@ def prompts(args, count: int, seed: int) -> list[str]:
     return [" ".join(f"t{i}" for i in rng.integers(0, 50000, n)) for n in lengths]
 
 
-def warmup_prompts(args, concurrency: int) -> list[str]:
-    """The warm-up before the level at `concurrency`: one prompt at each power of two from the
-    shortest to the longest prompt length (a JAX server compiles a program per width it meets),
-    and min(`--warmup`, max(8, 2 * concurrency)) random ones."""
-    rng = np.random.default_rng(args.seed + 1000 + concurrency)
+def warmup_prompts(args, concurrency: int, round_: int) -> list[str]:
+    """Warm-up round `round_` before the level at `concurrency`: one prompt at each power of two
+    from the shortest to the longest prompt length (a JAX server compiles a program per width
+    it meets), and min(`--warmup`, max(8, 2 * concurrency)) random ones, new in each round."""
+    rng = np.random.default_rng(args.seed + 1000 + concurrency + 100_000 * round_)
     widths = sorted({min(2**k, args.max_prompt) for k in range(int(np.log2(args.min_prompt)), 20)})
     fixed = [" ".join(f"t{i}" for i in rng.integers(0, 50000, w)) for w in widths if w >= args.min_prompt]
-    return fixed + prompts(args, min(args.warmup, max(8, 2 * concurrency)), args.seed + 2000 + concurrency)
+    count = min(args.warmup, max(8, 2 * concurrency))
+    return fixed + prompts(args, count, args.seed + 2000 + concurrency + 100_000 * round_)
 
 
 # ---- the servers ----------------------------------------------------------------------------
@@ -376,16 +378,21 @@ def summarise(results: list[Result], wall: float) -> dict:
 
 
 # ---- the run --------------------------------------------------------------------------------
-def engine_seconds(base_url: str) -> dict[str, float] | None:
-    """Our server's `ettin_jax_engine_seconds_total` by part (prefill, decode, host), from
-    /metrics; None from a server without it."""
+def engine_counters(base_url: str) -> dict[str, float] | None:
+    """Our server's `ettin_jax_engine_seconds_total` by part (prefill, decode, host) and its
+    `ettin_jax_compiled_programs_total` ("compiled"), from /metrics; None from a server without
+    them."""
     try:
         with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
             text = response.read().decode()
     except (OSError, ValueError):
         return None
     found = re.findall(r'^ettin_jax_engine_seconds_total\{part="(\w+)"\} ([0-9.]+)$', text, flags=re.M)
-    return {part: float(value) for part, value in found} or None
+    compiled = re.findall(r"^ettin_jax_compiled_programs_total ([0-9]+)$", text, flags=re.M)
+    counters = {part: float(value) for part, value in found}
+    if compiled:
+        counters["compiled"] = float(compiled[0])
+    return counters or None
 
 
 def run_side(side: Side, args, directory: str, levels: dict, log_dir: str) -> dict:
@@ -399,16 +406,18 @@ def run_side(side: Side, args, directory: str, levels: dict, log_dir: str) -> di
         # programs a JAX server compiles for that many requests at once are compiled before it.
         warmups = {}
         for concurrency in levels:
-            warm = [body(p, args, directory) for p in warmup_prompts(args, concurrency)]
-            start = time.perf_counter()
-            results, _ = asyncio.run(load(side.base_url, warm, concurrency, args.request_timeout))
-            failed = [r.error for r in results if r.error]
-            if failed:
-                raise RuntimeError(f"{side.name}: warm-up requests failed: {failed[:3]}\n{server.tail()}")
-            warmups[concurrency] = f"{len(warm)} in {time.perf_counter() - start:.1f} s"
+            start, sent = time.perf_counter(), 0
+            for round_ in range(args.warmup_rounds):
+                warm = [body(p, args, directory) for p in warmup_prompts(args, concurrency, round_)]
+                results, _ = asyncio.run(load(side.base_url, warm, concurrency, args.request_timeout))
+                failed = [r.error for r in results if r.error]
+                if failed:
+                    raise RuntimeError(f"{side.name}: warm-up requests failed: {failed[:3]}\n{server.tail()}")
+                sent += len(warm)
+            warmups[concurrency] = f"{sent} in {time.perf_counter() - start:.1f} s"
         print(f"{side.name}: healthy after {ready:.1f} s; warm-up requests at each concurrency: {warmups}", flush=True)
         for concurrency, texts in levels.items():
-            before = engine_seconds(side.base_url)
+            before = engine_counters(side.base_url)
             results, wall = asyncio.run(
                 load(side.base_url, [body(p, args, directory) for p in texts], concurrency, args.request_timeout)
             )
@@ -421,10 +430,11 @@ def run_side(side: Side, args, directory: str, levels: dict, log_dir: str) -> di
                   f"{summary['tpot50'] * 1e3:.1f} ms, {summary['per_chunk']:.2f} tokens a chunk; output lengths "
                   f"min/p10/p50/p90/max {summary['lengths']}, [DONE] at the end of {summary['done']}",
                   flush=True)  # fmt: skip
-            if before is not None:  # our server: where the engine's time went during the level
-                after = engine_seconds(side.base_url)
-                split = ", ".join(f"{part} {after[part] - before[part]:.1f} s" for part in after)
-                print(f"{'':>12} engine: {split}", flush=True)
+            if before is not None:  # our server: where the engine's time went, and what it compiled
+                after = engine_counters(side.base_url)
+                split = ", ".join(f"{part} {after[part] - before[part]:.1f} s" for part in after if part != "compiled")
+                compiled = after.get("compiled", 0) - before.get("compiled", 0)
+                print(f"{'':>12} engine: {split}; programs compiled during the level: {compiled:.0f}", flush=True)
             if summary["usage_off"]:
                 print(f"{'':>12} {summary['usage_off']} requests' usage differs from their words + EOS", flush=True)
             if summary["errors"]:
@@ -449,6 +459,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--requests-c1", type=int, default=32, help="requests at concurrency 1")
     parser.add_argument("--warmup", type=int, default=128, help="most random warm-up requests per level (see above)")
+    parser.add_argument("--warmup-rounds", type=int, default=2, help="warm-up rounds per level, new prompts in each")
     parser.add_argument("--min-prompt", type=int, default=8)
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -529,7 +540,8 @@ def main() -> None:
         f"POST /v1/completions, greedy, max_tokens {args.max_tokens}, prompts {counts[0]} to {counts[-1]} tokens "
         f"(log-uniform, sent as text, BOS prepended by the tokenizer), {args.requests} requests a level "
         f"({args.requests_c1} at concurrency 1), N clients each sending its next request when the last ends. "
-        "Sides, one after the other, each warmed up at every level first (one prompt per power-of-two length and "
+        "Sides, one after the other, each warmed up at every level first ("
+        f"{args.warmup_rounds} rounds of one prompt per power-of-two length and "
         f"min({args.warmup}, max(8, 2 x concurrency)) random ones): "
         + "; ".join(f"{name} `{command}`" for name, command in commands.items())
         + ". tokens/s: generated tokens (server usage or text chunks, as noted) over the level's wall time; "

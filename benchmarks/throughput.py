@@ -150,14 +150,6 @@ def run_hf_static(reference, prompts, eos, max_new, batch: int) -> tuple[list[li
     return outputs, {"wall": wall, "utilisation": sum(map(len, outputs)) / slot_steps}
 
 
-def compiled_programs() -> int:
-    """Programs compiled so far by the engine's jitted functions."""
-    from ettin_jax import engine
-
-    programs = (engine._decode_program, engine._prefill_program, engine._chunk_program, engine._chunk_finish_program)
-    return sum(p._cache_size() for p in programs)
-
-
 # ---- the run --------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +177,7 @@ def main() -> None:
     import torch
     import transformers
 
+    from ettin_jax import engine as engine_module
     from ettin_jax.padding import bucket
 
     prompts = workload(args)
@@ -217,7 +210,7 @@ def main() -> None:
             start = time.perf_counter()
             run_engine(model, prompts, eos, args.max_new, settings, max_length)
             first = time.perf_counter() - start
-            before = compiled_programs()
+            before = engine_module.compiled_programs()
             profiler = None
             if args.profile:
                 import cProfile
@@ -228,7 +221,7 @@ def main() -> None:
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
-            info.update(first=first, compiled=compiled_programs() - before)
+            info.update(first=first, compiled=engine_module.compiled_programs() - before)
             results[f"engine {settings}"] = outputs, info
 
     lengths = np.array([len(o) for o in next(iter(results.values()))[0]]) if results else np.array([0])

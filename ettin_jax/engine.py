@@ -1,22 +1,25 @@
 """Continuous batching: a fixed number of decode slots, each serving its own request, refilled
 from a queue the moment a request ends.
 
-Per slot, on the device (`Slots`): the slot's rows of one preallocated KV cache (global layers a
-region of `max_length` tokens, sliding layers a ring of `sliding_window`), its own sequence
-length and RoPE position, the token to feed next, and its request's sampling values, limits
-and stop tokens. A slot's cache takes 2 * N * H * (globals * max_length + slidings * window)
-values: 6.8 MB for 17m in float32 at max_length 1024, 595 MB for 1b in bfloat16 at 8192
-(`Engine.slot_bytes`). One round of `Engine.step()`:
-1. admit: queued requests with short prompts are prefilled several at a time (bucketed width
-   and rows), each row's first token chosen and its cache rows written into a free slot, moved
-   down so that its tokens sit at the slot's first cache slots (sequence indices from 0), in one
-   program; a long prompt is prefilled `prefill_chunk` tokens per round into a cache
-   row of its own, so that decoding is never stalled for a whole prefill;
+Per slot, on the device (`Slots`): the slot's rows of one KV cache (global layers a region of
+sequence indices, sliding layers a ring of `sliding_window`), its own sequence length and RoPE
+position, the token to feed next, and its request's sampling values, limits and stop tokens.
+The global layers' region holds the span of the live requests, a power of two of at least
+`MIN_SPAN` (`Engine._span`), and is resized as they come and go (`Engine._resize`): a decode step
+reads every sequence index the cache holds, and a server's `max_length` is the whole context
+(a step over 8192 indices costs 4x more at 17m than one over 1024). At `max_length` a slot
+takes 2 * N * H * (globals * max_length + slidings * window) values: 6.8 MB for 17m in float32
+at max_length 1024, 595 MB for 1b in bfloat16 at 8192 (`Engine.slot_bytes`, what the default
+number of slots is sized by). One round of `Engine.step()`:
+1. admit: queued requests with short prompts are prefilled, as many as there are free slots, in
+   calls of a few prompts of similar length (`_groups`), each row's first token chosen; their
+   cache rows are moved down so that a request's tokens sit at its first cache slots (sequence
+   indices from 0), then written into free slots (`_insert_program`). A long prompt is
+   prefilled `prefill_chunk` tokens per round into a cache row of its own, so that decoding is
+   never stalled for a whole prefill;
 2. decode: `steps_per_call` decode steps in one program (a `lax.scan`), so that the host's work
    (reading tokens, refilling slots) is paid once per several steps. It runs only the slots that
-   hold requests (a power of two of them, `_width`) and attends over only the sequence indices
-   they hold (a power of two, at least `MIN_SPAN`, `_span`): a server's `max_length` is the whole
-   context, and a step that read all of it would cost 4x more at 17m (8192 against 1024);
+   hold requests (a power of two of them, `_width`);
 3. the host hands each request its new tokens and frees the slots of those that ended.
 
 Stop strings are text, read on the host: a request with `stop_strings` (and a `tokenizer`) keeps
@@ -28,9 +31,10 @@ A request's tokens do not depend on its neighbours: every computation is per row
 sampled token's randomness is `fold_in(key(seed), token index)`. Greedy tokens equal
 `model.generate` on the prompt alone.
 
-The programs: one prefill per prompt-width and row bucket, one chunk step and one chunk finish
-per chunked-cache size, and one decode per width, span and set of logits processors in use; a
-stream of any length reuses them.
+The programs (`PROGRAMS`): one prefill per prompt-width and row bucket, one insert per row
+bucket and cache size, one chunk step and one chunk finish per chunked-cache size, one decode
+per width, cache size and set of logits processors in use, and a resize per pair of cache
+sizes; a stream of any length reuses them.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from ettin_jax import compilation, sharding
-from ettin_jax.cache import Cache, LayerCache, init_cache
+from ettin_jax.cache import Cache, LayerCache, init_cache, slot_counts
 from ettin_jax.detokenize import TextStream
 from ettin_jax.generation import (
     ERRORS,
@@ -76,8 +80,11 @@ from ettin_jax.sampling import choose_rows, process_logits
 
 Array = jax.Array
 MAX_STOP_TOKENS = 8  # stop ids a request may name (EOS ids included)
-MIN_SPAN = 256  # the fewest sequence indices a decode step attends over (see Engine._span)
+MIN_SPAN = 256  # the fewest sequence indices the slots' cache holds (see Engine._span)
 DEFAULT_MEMORY = 2 << 30  # bytes for the KV cache when the device does not say how much it has
+# What a prefill call and each of its rows cost besides their tokens, in tokens (`Engine._groups`;
+# 17m on CPU, 2026-12-01: 2.8 ms a call, 1 ms a row, 0.05 ms a token).
+PREFILL_CALL, PREFILL_ROW = 56, 20
 
 
 # ---- device state ---------------------------------------------------------------------------
@@ -154,32 +161,32 @@ def _logprobs(logits: Array, tokens: Array, top: int) -> Logprobs | None:
 
 
 # ---- the programs -----------------------------------------------------------------------------
-def _cut(slots: Slots, width: int, span: int) -> Slots:
-    """The first `width` slots, and of the layers that hold a region of `max_length` tokens
-    (never a ring that wraps), the first `span` cache slots only: every live request's tokens lie
-    there, so attention reads `span` keys instead of `max_length`."""
-    longest = max(layer.slots for layer in slots.cache.layers)
+@functools.partial(compilation.jit, static_argnames=("sizes",), donate_argnames=("slots",))
+def _resize_program(slots: Slots, *, sizes: tuple[int, ...]) -> Slots:
+    """The slots with `sizes[i]` cache slots on layer i (`slot_counts` of the new span): a
+    region grown with empty slots, or cut to its first slots. Every live request's tokens lie
+    in the first slots of the smaller of the two (`Engine._span`), and a ring that is resized
+    has never wrapped (it held fewer tokens than either size), so no token moves."""
 
-    def layer(c: LayerCache) -> LayerCache:
-        if c.slots == longest and span < longest:
-            return c.map_kv(lambda a: a[:width, :, :span]).replace(index=c.index[:width, :span])
-        return jax.tree.map(lambda x: x[:width], c)
+    def layer(c: LayerCache, size: int) -> LayerCache:
+        if size <= c.slots:
+            return c.map_kv(lambda a: a[:, :, :size]).replace(index=c.index[:, :size])
+        return c.grow(size)
 
-    rest = jax.tree.map(lambda x: x[:width], slots.replace(cache=None))
-    return rest.replace(cache=Cache(tuple(map(layer, slots.cache.layers)), slots.cache.length[:width]))
+    layers = tuple(map(layer, slots.cache.layers, sizes))
+    return slots.replace(cache=slots.cache.replace(layers=layers))
 
 
 @functools.partial(
-    compilation.jit, static_argnames=("graphdef", "steps", "flags", "width", "span", "top"), donate_argnames=("slots",)
+    compilation.jit, static_argnames=("graphdef", "steps", "flags", "width", "top"), donate_argnames=("slots",)
 )
 def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags: tuple[bool, ...], width: int,
-                    span: int, top: int):  # fmt: skip
-    """`steps` decode steps for the first `width` slots (the others are free), attending over
-    the first `span` sequence indices (`_cut`); returns the slots, the tokens (steps, width),
-    which of them belong to a request (steps, width), and their `Logprobs` (steps, width, ...)
-    when `top` > 0."""
+                    top: int):  # fmt: skip
+    """`steps` decode steps for the first `width` slots (the others are free); returns the
+    slots, the tokens (steps, width), which of them belong to a request (steps, width), and
+    their `Logprobs` (steps, width, ...) when `top` > 0."""
     model = nnx.merge(graphdef, state)
-    everything, slots = slots, _cut(slots, width, span)
+    everything, slots = slots, jax.tree.map(lambda x: x[:width], slots)
     batch = width
 
     def step(slots: Slots, _):
@@ -215,62 +222,40 @@ def _move_program(slots: Slots, source: Array, target: Array) -> Slots:
 def _compact(layer: LayerCache, pad: Array) -> LayerCache:
     """A prefilled layer cache (P rows) with each row's tokens moved down by its `pad` (P,)
     leading padding tokens: sequence indices from 0, slot = index % slots. A row then holds its
-    request's tokens at the first slots, which is what lets a decode attend over a span."""
+    request's tokens at the first slots, which is what lets the slots' cache hold only the
+    span of its requests (`Engine._resize`)."""
     src = (jnp.arange(layer.slots)[None, :] + pad[:, None]) % layer.slots  # (P, S): old slot of new slot j
     index = jnp.take_along_axis(layer.index, src, axis=1)
     take = lambda a: jnp.take_along_axis(a, src[:, None, :, None], axis=2)  # noqa: E731
     return layer.map_kv(take).replace(index=jnp.where(index >= 0, index - pad[:, None], -1))
 
 
-def _insert(slots: Slots, rows: Array, cache: Cache, first, lengths, seen, params: Params, stopped) -> Slots:
-    """Writes prefilled requests into the slots `rows` (P,) (B for none: dropped): their cache
-    rows, compacted (`_compact`) into the slots' first cache slots (the rest marked empty),
-    first token, length (`lengths` (P,): prompt tokens, also the next RoPE position), seen
-    tokens and params."""
-
-    def put(target: Array, value: Array) -> Array:
-        return target.at[rows].set(value.astype(target.dtype), mode="drop")
-
-    def put_layer(target: LayerCache, new: LayerCache) -> LayerCache:
-        new = _compact(new, jnp.broadcast_to(cache.length, lengths.shape) - lengths)
-        n = min(new.slots, target.slots)  # slots past a prompt hold nothing once compacted
-        index = jnp.pad(new.index[:, :n], [(0, 0), (0, target.slots - n)], constant_values=-1)
-
-        def put_kv(t: Array, value: Array) -> Array:
-            return t.at[rows, :, :n].set(value[:, :, :n].astype(t.dtype), mode="drop")
-
-        return target.map_kv(put_kv, new).replace(index=put(target.index, index))
-
-    layers = tuple(put_layer(t, n) for t, n in zip(slots.cache.layers, cache.layers, strict=True))
-    return slots.replace(
-        cache=Cache(layers, put(slots.cache.length, lengths)),
-        tokens=put(slots.tokens, first),
-        positions=put(slots.positions, lengths),
-        generated=put(slots.generated, jnp.ones_like(first)),
-        active=put(slots.active, ~stopped),
-        seen=put(slots.seen, seen),
-        params=jax.tree.map(put, slots.params, params),
-    )
-
-
-def _first_tokens(logits, ids, valid, params: Params, flags, top: int):
-    """The first new token of each prefilled row (logits (P, V) float32), its `seen` row,
-    whether it ends the request, and its `Logprobs` (when `top` > 0)."""
+def _prefilled(cache: Cache, logits, ids, valid, lengths, params: Params, flags, top: int) -> tuple[Slots, Any]:
+    """P prefilled requests as slots of their own (what `_insert_program` writes into the
+    engine's), and their first tokens' `Logprobs`: the cache compacted (`_compact`), the first
+    token chosen from logits (P, V) float32, `lengths` (P,) prompt tokens (also the next RoPE
+    position), the prompt's and first token's `seen` row, and whether the first token ended
+    the request. ids, valid (P, T): the left-padded prompts."""
     seen = _prompt_tokens(ids, valid, logits.shape[-1])
     first = _choose(logits, seen, jnp.zeros(ids.shape[:1], jnp.int32), params, flags)
     _, stopped = _after(first, jnp.zeros_like(first), params)
-    return first, seen.at[jnp.arange(ids.shape[0]), first].set(True), stopped, _logprobs(logits, first, top)
+    pad = jnp.broadcast_to(cache.length, lengths.shape) - lengths
+    new = Slots(
+        cache=Cache(tuple(_compact(layer, pad) for layer in cache.layers), lengths),
+        tokens=first, positions=lengths, generated=jnp.ones_like(first), active=~stopped,
+        seen=seen.at[jnp.arange(ids.shape[0]), first].set(True), params=params,
+    )  # fmt: skip
+    return new, _logprobs(logits, first, top)
 
 
-@functools.partial(compilation.jit, static_argnames=("graphdef", "flags", "top"), donate_argnames=("slots",))
-def _prefill_program(graphdef, state, kernel, slots: Slots, rows, ids, valid, params: Params, *, flags, top):
-    """Prefills P left-padded prompts (P, T) and writes them into the slots `rows` (P,);
-    returns the slots, the first tokens (P,), which requests they ended, and their `Logprobs`."""
+@functools.partial(compilation.jit, static_argnames=("graphdef", "size", "flags", "top"))
+def _prefill_program(graphdef, state, kernel, ids, valid, params: Params, *, size: int, flags, top):
+    """Prefills P left-padded prompts (P, T): the requests as `_prefilled` slots, and their
+    first tokens' `Logprobs`. Their cache has `size` >= T slots whatever T is (the engine's
+    prefill chunk), so that `_insert_program` compiles once per rows, not per width too."""
     model = nnx.merge(graphdef, state)
-    logits, positions, cache = _prefill(model, ids, valid, ids.shape[1], kernel)
-    first, seen, stopped, logprobs = _first_tokens(logits, ids, valid, params, flags, top)
-    slots = _insert(slots, rows, cache, first, positions, seen, params, stopped)
-    return slots, first, stopped, logprobs
+    logits, lengths, cache = _prefill(model, ids, valid, size, kernel)
+    return _prefilled(cache, logits, ids, valid, lengths, params, flags, top)
 
 
 @functools.partial(compilation.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -281,19 +266,56 @@ def _chunk_program(graphdef, state, cache: Cache, ids, valid, positions):
     return out.past_key_values
 
 
-@functools.partial(compilation.jit, static_argnames=("graphdef", "flags", "top"), donate_argnames=("slots",))
-def _chunk_finish_program(graphdef, state, kernel, slots, rows, cache, prompt, prompt_valid, ids, valid, positions,
-                          params, *, flags, top):  # fmt: skip
-    """The last chunk of a long prompt, its first token, and the request written into its slot."""
+@functools.partial(compilation.jit, static_argnames=("graphdef", "flags", "top"), donate_argnames=("cache",))
+def _chunk_finish_program(graphdef, state, kernel, cache, prompt, prompt_valid, ids, valid, positions, params, *,
+                          flags, top):  # fmt: skip
+    """The last chunk of a long prompt: the request as a `_prefilled` slot, and its first
+    token's `Logprobs`."""
     model = nnx.merge(graphdef, state)
     out = model.model(
         jnp.where(valid, ids, 0), valid, positions, past_key_values=cache,
         rows=jnp.full((1, 1), ids.shape[1] - 1, jnp.int32),
     )  # fmt: skip
     logits = model.logits(out.last_hidden_state, kernel)[:, 0].astype(jnp.float32)
-    first, seen, stopped, logprobs = _first_tokens(logits, prompt, prompt_valid, params, flags, top)
-    slots = _insert(slots, rows, out.past_key_values, first, positions[:, -1] + 1, seen, params, stopped)
-    return slots, first, stopped, logprobs
+    return _prefilled(out.past_key_values, logits, prompt, prompt_valid, positions[:, -1] + 1, params, flags, top)
+
+
+@functools.partial(compilation.jit, donate_argnames=("slots",))
+def _insert_program(slots: Slots, rows: Array, new: Slots) -> Slots:
+    """Writes the P `_prefilled` slots `new` into the slots `rows` (P,) (B for none: dropped).
+    Their tokens sit at their first cache slots, which the engine's cache has room for
+    (`Engine._resize`); the rest of each row's cache is marked empty.
+
+    A program of its own, apart from the prefill: it depends on the size of the engine's
+    cache, which follows the requests, and the model's prefill then compiles once per width
+    and rows instead of once per size too."""
+
+    def put(target: Array, value: Array) -> Array:
+        return target.at[rows].set(value.astype(target.dtype), mode="drop")
+
+    def put_layer(target: LayerCache, layer: LayerCache) -> LayerCache:
+        n = min(layer.slots, target.slots)  # slots past a prompt hold nothing once compacted
+        index = jnp.pad(layer.index[:, :n], [(0, 0), (0, target.slots - n)], constant_values=-1)
+
+        def put_kv(t: Array, value: Array) -> Array:
+            return t.at[rows, :, :n].set(value[:, :, :n].astype(t.dtype), mode="drop")
+
+        return target.map_kv(put_kv, layer).replace(index=put(target.index, index))
+
+    layers = tuple(map(put_layer, slots.cache.layers, new.cache.layers))
+    rest = jax.tree.map(put, slots.replace(cache=None), new.replace(cache=None))
+    return rest.replace(cache=Cache(layers, put(slots.cache.length, new.cache.length)))
+
+
+PROGRAMS = (_prefill_program, _insert_program, _decode_program, _chunk_program, _chunk_finish_program, _move_program,
+            _resize_program)  # fmt: skip
+
+
+def compiled_programs() -> int:
+    """The programs the engines of this process have compiled so far. A server that compiles
+    while it serves holds every request for the compilation (about a second a program on CPU);
+    its `/metrics` reports this count, so that a warm-up can be checked."""
+    return sum(program._cache_size() for program in PROGRAMS)
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -390,9 +412,12 @@ class _Prefilling:
     request: Request
     slot: int
     cache: Cache
-    ids: np.ndarray  # (1, T) left-padded to a multiple of the chunk
+    ids: np.ndarray  # (1, T): a first chunk of a bucketed width, left-padded, then whole chunks
     valid: np.ndarray
     positions: np.ndarray
+    cuts: list[int]  # where each chunk starts, then T
+    prompt: np.ndarray  # (1, S) the prompt left-padded to the cache's S slots (a program per S, not per T)
+    prompt_valid: np.ndarray
     done_chunks: int = 0
 
 
@@ -444,7 +469,8 @@ class Engine:
         with sharding.activate(self.mesh):
             kernel = _output_kernel(model, self.graphdef, self.state)
             self.kernel = _output_kernel_program(self.graphdef, self.state) if kernel is None else kernel
-        self.slots = self._place(_empty_slots(config, self.batch, self.max_length, dtype))
+        self.span = min(self.max_length, MIN_SPAN)  # the sequence indices the slots' cache holds now
+        self.slots = self._place(_empty_slots(config, self.batch, self.span, dtype))
         self.requests: list[Request | None] = [None] * self.batch  # by slot
         self.queue: collections.deque[Request] = collections.deque()
         self.prefilling: _Prefilling | None = None
@@ -545,12 +571,13 @@ class Engine:
                 self.stats["host_s"] += time.perf_counter() - start - prefill
                 return admitted or bool(self.queue) or self.prefilling is not None
             flags, width = self._flags(), self._width()
-            top, span = self._top(self.requests[:width]), self._span()
+            top = self._top(self.requests[:width])
+            self._resize(self._span())
             before = time.perf_counter()
             with sharding.activate(self.mesh):
                 self.slots, tokens, emitted, logprobs = _decode_program(
                     self.graphdef, self.state, self.kernel, self.slots, steps=self.steps_per_call, flags=flags,
-                    width=width, span=span, top=top,
+                    width=width, top=top,
                 )  # fmt: skip
                 tokens, emitted, active, logprobs = (
                     sharding.to_host(tokens),
@@ -594,12 +621,25 @@ class Engine:
         ways = sharding.batch_ways(self.mesh)
         return min(self.batch, max(ways, bucket(live[-1] + 1, 1)))
 
-    def _span(self) -> int:
-        """The sequence indices the next decode reads: a power of two (at least `MIN_SPAN`) that
-        holds every live request's tokens and the `steps_per_call` it may add, so that a decode
-        step's attention costs what the requests hold, not `max_length` (a program per span)."""
-        held = max(len(r.prompt) + len(r.tokens) for r in self.requests if r is not None)
+    def _span(self, longest: int = 0) -> int:
+        """The sequence indices the slots' cache needs: a power of two (at least `MIN_SPAN`) that
+        holds every live request's tokens, a prompt of `longest` tokens about to join them, and
+        the `steps_per_call` tokens the next decode adds to each."""
+        held = max([longest, *(len(r.prompt) + len(r.tokens) for r in self.requests if r is not None)])
         return min(self.max_length, bucket(held + self.steps_per_call, MIN_SPAN))
+
+    def _resize(self, span: int) -> None:
+        """Gives the slots' cache `span` sequence indices (`_resize_program`), grown or cut.
+
+        Why the cache follows the requests instead of holding `max_length`: a decode step reads
+        every sequence index the cache holds, and a server's `max_length` is the whole context.
+        A resize copies the cache once when the longest request crosses a power of two; cutting
+        a `max_length` cache to the span in each decode call instead cost a copy per call (17m,
+        16 slots at span 1024: 41 ms a call, half of an 8-step decode)."""
+        if span != self.span:
+            with sharding.activate(self.mesh):
+                self.slots = _resize_program(self.slots, sizes=slot_counts(self.config, span))
+            self.span = span
 
     def _end(self, slot: int, reason: str) -> None:
         self.requests[slot]._finish(reason)
@@ -655,18 +695,45 @@ class Engine:
                 self._start_chunked(long, free[0])
                 moved = True
                 continue
-            # Short prompts in queue order; a long one waiting for its turn does not hold them up.
-            group = [r for r in self.queue if len(r.prompt) <= self.prefill_chunk][: min(self.prefill_batch, len(free))]
-            if not group:
+            # Short prompts in queue order, as many as there are free slots; a long one waiting
+            # for its turn does not hold them up.
+            admitted = [r for r in self.queue if len(r.prompt) <= self.prefill_chunk][: len(free)]
+            if not admitted:
                 break
-            for request in group:
+            for request in admitted:
                 self.queue.remove(request)
-            self._prefill(group, free[: len(group)])
+            for group in self._groups(admitted):
+                self._prefill(group, free[: len(group)])
+                free = free[len(group) :]
             moved = True
         with self._room:
             self._room.notify_all()
         self.stats["prefill_s"] += time.perf_counter() - started
         return moved
+
+    def _groups(self, requests: list[Request]) -> list[list[Request]]:
+        """The prefill calls for `requests` (each call at most `prefill_batch` prompts, padded to
+        the longest of them): runs of the prompts sorted by length, chosen to cost the least
+        (`PREFILL_CALL` and `PREFILL_ROW`, and a token for each token of padded width). Prompts of
+        mixed lengths padded to the longest of them would mostly prefill padding (a prompt of 20
+        tokens beside one of 200: 400 tokens for 220), and one call per prompt pays the call's
+        cost each time."""
+        requests = sorted(requests, key=lambda r: len(r.prompt))
+
+        def cost(run: list[Request]) -> int:
+            rows = min(self.prefill_batch, bucket(len(run), 1))  # as `_prefill` pads them
+            return PREFILL_CALL + rows * (PREFILL_ROW + bucket(len(run[-1].prompt), maximum=self.prefill_chunk))
+
+        best: list[tuple[int, int]] = [(0, 0)]  # best[j]: (cost of the first j prompts, where their last run starts)
+        for j in range(1, len(requests) + 1):
+            starts = range(max(0, j - self.prefill_batch), j)
+            best.append(min((best[i][0] + cost(requests[i:j]), i) for i in starts))
+        groups, j = [], len(requests)
+        while j:
+            i = best[j][1]
+            groups.append(requests[i:j])
+            j = i
+        return groups[::-1]
 
     def _params(self, requests: Sequence[Request | None]) -> Params:
         """The `Params` rows of `requests` (None: a filler row)."""
@@ -695,8 +762,15 @@ class Engine:
         )
         return Params(*(np.asarray(col, dtype) for col, dtype in zip(columns, dtypes, strict=True)))
 
-    def _after_prefill(self, requests: Sequence[Request], slots: Sequence[int], first, stopped, logprobs) -> None:
-        first, stopped = sharding.to_host(first), sharding.to_host(stopped)
+    def _after_prefill(self, requests: Sequence[Request], slots: Sequence[int], new: Slots, logprobs) -> None:
+        """Writes the `_prefilled` requests into their slots, the cache first resized to hold
+        them, and hands each its first token."""
+        targets = np.full(new.tokens.shape, self.batch, np.int32)  # out of range (filler rows): dropped
+        targets[: len(slots)] = slots
+        self._resize(max(self.span, self._span(max(len(r.prompt) for r in requests))))
+        with sharding.activate(self.mesh):
+            self.slots = _insert_program(self.slots, targets, new)
+        first, stopped = sharding.to_host(new.tokens), ~sharding.to_host(new.active)
         logprobs = None if logprobs is None else jax.tree.map(sharding.to_host, logprobs)
         for i, (request, slot) in enumerate(zip(requests, slots, strict=False)):
             token = int(first[i])
@@ -720,47 +794,52 @@ class Engine:
             ids[i, width - len(request.prompt) :] = request.prompt
             valid[i, width - len(request.prompt) :] = True
         valid[len(group) :, -1] = True  # filler rows: one token, written nowhere
-        targets = np.full((rows,), self.batch, np.int32)  # out of range: dropped
-        targets[: len(group)] = slots
         params = self._params([*group, *([None] * (rows - len(group)))])
         flags = tuple(any(f) for f in zip(*(r.config.static() for r in group), strict=True))
-        top = self._top(group)
         with sharding.activate(self.mesh):
-            self.slots, first, stopped, logprobs = _prefill_program(
-                self.graphdef, self.state, self.kernel, self.slots, targets, ids, valid, params, flags=flags, top=top
-            )
-        self._after_prefill(group, slots, first, stopped, logprobs)
+            new, logprobs = _prefill_program(
+                self.graphdef, self.state, self.kernel, ids, valid, params, size=self.prefill_chunk, flags=flags,
+                top=self._top(group),
+            )  # fmt: skip
+        self._after_prefill(group, slots, new, logprobs)
 
     def _start_chunked(self, request: Request, slot: int) -> None:
-        chunk = self.prefill_chunk
-        width = -(-len(request.prompt) // chunk) * chunk
+        """Starts prefilling a long prompt a chunk per round. Its whole chunks come last, and the
+        rest comes first, left-padded to a power of two: 300 tokens in chunks of 256 are 64 + 256
+        columns, not 512."""
+        chunk, length = self.prefill_chunk, len(request.prompt)
+        rest = length - (length - 1) // chunk * chunk  # 1 .. chunk tokens before the whole chunks
+        lead = bucket(rest, maximum=chunk)
+        width = lead + length - rest
         ids = np.zeros((1, width), np.int32)
         valid = np.zeros((1, width), bool)
-        ids[0, width - len(request.prompt) :] = request.prompt
-        valid[0, width - len(request.prompt) :] = True
+        ids[0, width - length :] = request.prompt
+        valid[0, width - length :] = True
         positions = np.where(valid, np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
-        dtype = self.slots.cache.layers[0].dtype
-        cache = init_cache(self.config, 1, min(bucket(width), self.max_length), dtype)
-        self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions)
+        size = min(bucket(width), self.max_length)
+        cache = init_cache(self.config, 1, size, self.slots.cache.layers[0].dtype)
+        cuts = [0, *range(lead, width + 1, chunk)]
+        prompt, prompt_valid = np.zeros((1, size), np.int32), np.zeros((1, size), bool)
+        prompt[0, size - length :], prompt_valid[0, size - length :] = request.prompt, True
+        self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions, cuts, prompt, prompt_valid)
         self._advance_chunked()
 
     def _advance_chunked(self) -> bool:
         """The next chunk of the long prompt being prefilled; its last one writes it into its slot."""
-        p, chunk = self.prefilling, self.prefill_chunk
-        part = slice(p.done_chunks * chunk, (p.done_chunks + 1) * chunk)
+        p = self.prefilling
+        part = slice(p.cuts[p.done_chunks], p.cuts[p.done_chunks + 1])
         ids, valid, positions = p.ids[:, part], p.valid[:, part], p.positions[:, part]
         with sharding.activate(self.mesh):
             if part.stop < p.ids.shape[1]:
                 p.cache = _chunk_program(self.graphdef, self.state, p.cache, ids, valid, positions)
                 p.done_chunks += 1
                 return True
-            flags = p.request.config.static()
-            self.slots, first, stopped, logprobs = _chunk_finish_program(
-                self.graphdef, self.state, self.kernel, self.slots, np.asarray([p.slot], np.int32), p.cache, p.ids,
-                p.valid, ids, valid, positions, self._params([p.request]), flags=flags, top=self._top([p.request]),
+            new, logprobs = _chunk_finish_program(
+                self.graphdef, self.state, self.kernel, p.cache, p.prompt, p.prompt_valid, ids, valid, positions,
+                self._params([p.request]), flags=p.request.config.static(), top=self._top([p.request]),
             )  # fmt: skip
         self.prefilling = None
-        self._after_prefill([p.request], [p.slot], first, stopped, logprobs)
+        self._after_prefill([p.request], [p.slot], new, logprobs)
         return True
 
     # ---- running --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException
 
 from ettin_jax import scoring
 from ettin_jax.detokenize import TextStream
-from ettin_jax.engine import MAX_STOP_TOKENS, Engine
+from ettin_jax.engine import MAX_STOP_TOKENS, Engine, compiled_programs
 from ettin_jax.engine import Request as EngineRequest
 from ettin_jax.pipelines import TextGenerationPipeline
 
@@ -202,6 +202,9 @@ class Metrics:
                 f'{p}_engine_seconds_total{{part="{part}"}} {engine.stats[key]:.3f}'
                 for part, key in (("prefill", "prefill_s"), ("decode", "device_s"), ("host", "host_s"))
             ),
+            f"# HELP {p}_compiled_programs_total Programs the engine has compiled (one per shape it met).",
+            f"# TYPE {p}_compiled_programs_total counter",
+            f"{p}_compiled_programs_total {compiled_programs()}",
             f"# HELP {p}_slot_utilisation Decoded slot-steps that made a token of a request.",
             f"# TYPE {p}_slot_utilisation gauge",
             f"{p}_slot_utilisation {engine.utilisation():.4f}",

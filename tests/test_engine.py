@@ -4,6 +4,9 @@ compiles a few programs, and a bad request fails alone."""
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,14 +15,6 @@ from helpers import TINY, random_ids
 from ettin_jax import engine as engine_module
 from ettin_jax.engine import Engine
 from ettin_jax.generation import GenerationError
-
-PROGRAMS = (
-    engine_module._prefill_program,
-    engine_module._decode_program,
-    engine_module._chunk_program,
-    engine_module._chunk_finish_program,
-    engine_module._move_program,
-)
 
 
 def alone(model, prompt: list[int], **kwargs) -> list[int]:
@@ -38,15 +33,21 @@ def test_greedy_equals_generate_alone_and_transformers(causal_pair, monkeypatch)
     """Ragged prompts, some longer than the chunk (prefilled a chunk per round) and than the
     window (4), outputs several windows long, stop tokens that end rows at different steps,
     fewer slots than requests (slots refilled), decode steps that attend over 16, 32 or 64
-    sequence indices as the requests grow (the span)."""
+    sequence indices as the requests grow and end (the cache resized to the span)."""
     reference, model = causal_pair
     monkeypatch.setattr(engine_module, "MIN_SPAN", 16)
-    spans, span = set(), Engine._span
-    monkeypatch.setattr(Engine, "_span", lambda self: spans.add(span(self)) or span(self))
+    sizes, resize = [], Engine._resize  # the sizes the slots' cache takes, in turn
+
+    def record(self, span):
+        resize(self, span)
+        if not sizes or sizes[-1] != self.span:
+            sizes.append(self.span)
+
+    monkeypatch.setattr(Engine, "_resize", record)
     batch = prompts(10, 40, seed=1)
     kwargs = dict(max_new_tokens=14, eos_token_id=[5, 9])
     got = model.generate_batch(batch, **kwargs, max_batch_size=4, prefill_chunk=16, steps_per_call=3)
-    assert spans == {16, 32, 64}
+    assert set(sizes) == {16, 32, 64} and any(b < a for a, b in itertools.pairwise(sizes)), sizes  # grown and cut
     assert got == [alone(model, p, **kwargs) for p in batch]
     assert any(len(g) < 14 for g in got) and any(len(g) == 14 for g in got)  # both ways of ending
     longest = max(batch, key=len)
@@ -74,17 +75,31 @@ def test_sampling_does_not_depend_on_neighbours_or_slot(causal_pair):
     assert len(set(map(tuple, got))) > 50  # the others do sample (their own seeds, different tokens)
 
 
+def test_prompts_admitted_together_are_prefilled_with_others_of_their_length(causal_pair):
+    """A 20-token prompt is not padded to 256 beside a 200-token one (lengths only: no model call), small calls are merged
+    (each call has a cost of its own), and no call holds more than `prefill_batch` prompts."""
+    _, model = causal_pair
+    engine = Engine(model, max_batch_size=8, max_length=128, prefill_batch=4, prefill_chunk=256)
+
+    def groups(*lengths):
+        return [[len(r.prompt) for r in g] for g in engine._groups([SimpleNamespace(prompt=[1] * n) for n in lengths])]
+
+    assert groups(200, 20, 210, 22) == [[20, 22], [200, 210]]
+    assert groups(31, 17, 30, 20) == [[17, 20, 30, 31]]  # 4 x 32 in one call, not 2 x 32 twice
+    assert groups(*range(10, 16)) in ([[10, 11], [12, 13, 14, 15]], [[10, 11, 12, 13], [14, 15]])
+
+
 def test_a_stream_of_1000_requests_compiles_a_few_programs(causal_pair):
     _, model = causal_pair
     batch = prompts(1000, 60, seed=3)
     new = np.random.default_rng(3).integers(1, 6, size=1000).tolist()
-    before = sum(p._cache_size() for p in PROGRAMS)
+    before = engine_module.compiled_programs()
     got = model.generate_batch(batch, max_new_tokens=new, max_batch_size=16, prefill_chunk=32, max_length=128)
-    compiled = sum(p._cache_size() for p in PROGRAMS) - before
-    # Prefills of widths 16 and 32 for 1, 2 and 4 prompts, a chunk step, a chunk finish, decodes
-    # of 1, 2, 4, 8 and 16 slots (one span: max_length is below MIN_SPAN), a move: 14 (fewer if an
-    # earlier test compiled some with the same shapes).
-    assert compiled <= 14, compiled
+    compiled = engine_module.compiled_programs() - before
+    # Prefills of widths 16 and 32 for 1, 2 and 4 prompts and their inserts, a chunk step, a
+    # chunk finish and its insert, decodes of 1, 2, 4, 8 and 16 slots (one cache size: max_length
+    # is below MIN_SPAN), a move: 21 (fewer if an earlier test compiled some with the same shapes).
+    assert compiled <= 21, compiled
     assert [len(g) <= n for g, n in zip(got, new, strict=True)] == [True] * 1000
 
 

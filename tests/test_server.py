@@ -607,6 +607,7 @@ def test_metrics_count_requests_tokens_and_first_tokens(server):
     buckets = [v for k, v in after.items() if k.startswith("ettin_jax_time_to_first_token_seconds_bucket")]
     assert buckets == sorted(buckets) and after["ettin_jax_time_to_first_token_seconds_sum"] > 0
     assert after["ettin_jax_requests_running"] == 1  # this /metrics request
+    assert after["ettin_jax_compiled_programs_total"] >= 2  # a prefill and a decode at least, by now
 
 
 # ---- load ---------------------------------------------------------------------------------------------
