@@ -428,8 +428,8 @@ class Engine:
     `max_batch_size`: decode slots (default: as many as fit in a quarter of the device's memory,
     at most 64). `max_length`: the most tokens (prompt + new) a request may hold (default:
     max_position_embeddings). `steps_per_call`: decode steps per host round trip.
-    `prefill_batch`: prompts prefilled together. `prefill_chunk`: longer prompts are prefilled
-    this many tokens per round. `max_queue`: requests waiting before `submit` blocks.
+    `prefill_batch`: the most prompts in one prefill call. `prefill_chunk`: longer prompts are
+    prefilled this many tokens per round. `max_queue`: requests waiting before `submit` blocks.
     `max_logprobs`: the most top tokens a request may ask log-probabilities for."""
 
     def __init__(
