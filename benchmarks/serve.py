@@ -459,7 +459,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--requests-c1", type=int, default=32, help="requests at concurrency 1")
     parser.add_argument("--warmup", type=int, default=128, help="most random warm-up requests per level (see above)")
-    parser.add_argument("--warmup-rounds", type=int, default=2, help="warm-up rounds per level, new prompts in each")
+    parser.add_argument("--warmup-rounds", type=int, default=3, help="warm-up rounds per level, new prompts in each")
     parser.add_argument("--min-prompt", type=int, default=8)
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=64)

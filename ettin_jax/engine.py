@@ -215,8 +215,9 @@ def _decode_program(graphdef, state, kernel, slots: Slots, *, steps: int, flags:
 
 @functools.partial(compilation.jit, donate_argnames=("slots",))
 def _move_program(slots: Slots, source: Array, target: Array) -> Slots:
-    """Moves the requests in slots `source` (K,) to the free slots `target` (K,)."""
-    return jax.tree.map(lambda x: x.at[target].set(x[source]), slots)
+    """Moves the requests in slots `source` (B,) to the free slots `target` (B,); pairs with
+    target B are dropped (one program whatever the number of moves)."""
+    return jax.tree.map(lambda x: x.at[target].set(x[source], mode="drop"), slots)
 
 
 def _compact(layer: LayerCache, pad: Array) -> LayerCache:
@@ -613,8 +614,11 @@ class Engine:
         if not self.queue and self.prefilling is None and live[-1] >= len(live):
             source = [s for s in live if s >= len(live)]
             target = [s for s in range(len(live)) if self.requests[s] is None]
+            pad = [0] * (self.batch - len(source)), [self.batch] * (self.batch - len(source))
             with sharding.activate(self.mesh):
-                self.slots = _move_program(self.slots, np.asarray(source, np.int32), np.asarray(target, np.int32))
+                self.slots = _move_program(
+                    self.slots, np.asarray(source + pad[0], np.int32), np.asarray(target + pad[1], np.int32)
+                )
             for a, b in zip(source, target, strict=True):
                 self.requests[b], self.requests[a] = self.requests[a], None
             live = list(range(len(live)))
