@@ -1,4 +1,5 @@
-"""Training data: CSV, JSONL and Parquet tables, tokenized once, served as deterministic batches.
+"""Training data: labels read and encoded, texts tokenized, examples served as deterministic
+batches (`Batches`, `PackedBatches`). Files are read by `stream`, a row at a time.
 
 Epoch e of a run with seed s visits the examples in the permutation drawn from (s, e), so the
 data position is two integers, (epoch, index of the next batch), saved in every checkpoint:
@@ -10,13 +11,9 @@ per length.
 from __future__ import annotations
 
 import ast
-import codecs
-import csv
 import dataclasses
-import io
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -34,162 +31,9 @@ class DataError(EttinError, ValueError):
     """A data file or column that cannot be used as asked; the message names it."""
 
 
-# ---- reading ------------------------------------------------------------------------------
-class Table(dict):
-    """Columns by name, as lists, plus `lines`: the line of the file on which each row starts
-    (None for Parquet, which has no lines). Compares equal to the plain dict of its columns."""
-
-    lines: list[int] | None = None
-
-
-def read_table(path: str | os.PathLike) -> Table:
-    """Columns of a .csv, .jsonl (or .json lines) or .parquet file, as lists. CSV cells are
-    strings, JSON and Parquet values keep their types; a missing value is None (see `column`).
-
-    Whatever the file holds, a problem is a `DataError` that names the file, and the line where
-    there is one: an empty or header-only file, bytes that are not UTF-8 (a binary file), a NUL
-    character, malformed CSV quoting, a CSV row with more cells than the header, a repeated
-    header name, a JSON line that is not an object, a Parquet file that does not read."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
-        return _read_csv(path)
-    if ext in (".jsonl", ".json"):
-        return _read_jsonl(path)
-    if ext == ".parquet":
-        return _read_parquet(path)
-    raise DataError(f"cannot read {path}: expected a .csv, .jsonl or .parquet file")
-
-
-def _read_text(path: str) -> str:
-    """The file as text: UTF-8 (a byte-order mark is dropped), no NUL characters."""
-    with open(path, "rb") as f:
-        raw = f.read().removeprefix(codecs.BOM_UTF8)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); is it a binary file? "
-            "Save the data as UTF-8"
-        ) from None
-    if "\0" in text:
-        line = text[: text.index("\0")].count("\n") + 1
-        raise DataError(f"{path} line {line} holds a NUL character; is it a binary file?")
-    return text
-
-
-def _read_csv(path: str) -> Table:
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
-    header: list[str] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    while True:
-        start = reader.line_num + 1  # the line on which the next record starts
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raise DataError(f"{path} line {start} is not valid CSV: {e}") from None
-        if not row:
-            continue  # a blank line
-        if header is None:
-            header = row
-            repeated = sorted({name for name in row if row.count(name) > 1})
-            if repeated:
-                raise DataError(f"the header of {path} (line {start}) names column(s) {repeated} more than once")
-            continue
-        if len(row) > len(header):
-            raise DataError(
-                f"row {len(rows) + 1} of {path} has more cells than the header has columns "
-                f"(line {start}: {len(row)} cells, {len(header)} columns)"
-            )
-        rows.append(row)
-        lines.append(start)
-    if header is None:
-        raise DataError(f"data file {path} has no rows: it is empty")
-    if not rows:
-        raise DataError(f"data file {path} has no rows, only a header")
-    # A short row's missing cells are None: `column` names the row when one is used.
-    table = Table({name: [row[i] if i < len(row) else None for row in rows] for i, name in enumerate(header)})
-    table.lines = lines
-    return table
-
-
-def _read_jsonl(path: str) -> Table:
-    rows: list[dict[str, Any]] = []
-    lines: list[int] = []
-    for number, line in enumerate(_read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is a huge int
-            raise DataError(f"{path} line {number} is not JSON: {e} (expected one JSON object per line)") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number} is not a JSON object (expected one JSON object per line)")
-        rows.append(row)
-        lines.append(number)
-    if not rows:
-        raise DataError(f"data file {path} has no rows: it holds no JSON object")
-    names = dict.fromkeys(name for row in rows for name in row)  # every row's keys, in order
-    table = Table({name: [row.get(name) for row in rows] for name in names})
-    table.lines = lines
-    return table
-
-
-def _read_parquet(path: str) -> Table:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq  # the "train" extra: inference never needs it
-    except ImportError:
-        raise DataError(f"reading {path} needs pyarrow: pip install 'ettin-jax[train]'") from None
-    try:
-        columns = pq.read_table(path).to_pydict()
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{path} is not a readable Parquet file: {e}") from None
-    if not columns or not len(next(iter(columns.values()))):
-        raise DataError(f"data file {path} has no rows")
-    return Table(columns)
-
-
 def _where(row: int, lines: Sequence[int] | None) -> str:
     """' (line N)' for the 1-based `row` when the file has lines, else ''."""
     return f" (line {lines[row - 1]})" if lines is not None and 0 < row <= len(lines) else ""
-
-
-def column(table: dict[str, list[Any]], name: str, path: str) -> list[Any]:
-    """The column `name`; a row without a value in it is an error that names the row (and the
-    line of the file)."""
-    if name not in table:
-        raise DataError(f"column {name!r} is not in {path}; its columns are {sorted(table)}")
-    values = table[name]
-    lines = getattr(table, "lines", None)
-    for row, value in enumerate(values, 1):
-        if value is None:
-            raise DataError(f"row {row} of {path} has no value in column {name!r}{_where(row, lines)}")
-    return values
-
-
-def texts(table: dict[str, list[Any]], name: str, path: str) -> list[str]:
-    """The text column `name` as strings: a number is its text; a list, an object or binary
-    data is an error that names the row."""
-    values = column(table, name, path)
-    lines = getattr(table, "lines", None)
-    out = []
-    for row, value in enumerate(values, 1):
-        if isinstance(value, str):
-            out.append(value)
-        elif _is_number(value):
-            out.append(str(value))
-        else:
-            raise DataError(
-                f"row {row} of {path} has a {type(value).__name__}, not a text, in column {name!r}{_where(row, lines)}"
-            )
-    return out
 
 
 # ---- labels -------------------------------------------------------------------------------

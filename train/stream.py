@@ -81,9 +81,10 @@ class RowIndex:
 
 
 class _Checks:
-    """The column checks of `data.texts`, `data.column` and `data.read_labels`, a row at a time:
-    the first problem of each kind is kept and raised by `finish`, in the order those functions
-    would raise them, so that a file's message is the one it gets when read whole."""
+    """The checks of the used columns, a row at a time: each is in the file, has a value in
+    every row, and a text column holds texts (a number is its text); the labels are read with
+    `data.read_labels`. The first problem of each kind is kept and raised by `finish`, column by
+    column, so that a file's message names the first row at fault, whatever comes after it."""
 
     def __init__(self, name: str, texts: Sequence[str], label: str | None):
         self.name, self.texts, self.label = name, [t for t in texts if t], label
@@ -141,8 +142,11 @@ def index_split(
     label_column: str | None = None,
 ) -> RowIndex:
     """The index of a .csv, .jsonl or .parquet file, or of `split` of `datasets.load_dataset(dataset,
-    config)`, after one pass that checks every row (a `DataError` naming the file or dataset, and
-    the row and line, as `data.read_table` and the column readers do)."""
+    config)`, after one pass that checks every row: a problem is a `DataError` that names the file
+    or dataset, and the row and line (an empty or header-only file, bytes that are not UTF-8, a
+    NUL character, malformed CSV, a row with more cells than the header, a repeated header name,
+    a JSON line that is not an object, an unreadable Parquet file, a missing column or value, a
+    bad label)."""
     if dataset is not None:
         return _index_dataset(dataset, config, split or "train", text_column, pair_column, label_column)
     path = os.fspath(path)

@@ -23,7 +23,8 @@ from textdata import word_tokenizer, write_rows, xor_rows
 from ettin_jax.cli import main
 from ettin_jax.errors import EttinError
 from ettin_jax.train import DataError, TrainArgs, TrainingError, train
-from ettin_jax.train.data import column, infer_problem_type, label_names, read_labels, read_table
+from ettin_jax.train.data import infer_problem_type, label_names
+from ettin_jax.train.stream import index_split
 from ettin_jax.train.trainer import prepare
 
 NO_MODEL = "/nonexistent/ettin-model"  # reading it would fail: the checks must come first
@@ -56,8 +57,7 @@ def _args(tmp_path, train_file, **changes) -> TrainArgs:
 
 
 def _labels(path):
-    table = read_table(path)
-    return read_labels(column(table, "label", str(path)), str(path), "label", table.lines)
+    return index_split(path, text_column="text", label_column="label").labels
 
 
 # ---- the silent wrong answers, now right ----------------------------------------------------

@@ -11,36 +11,41 @@ from ettin_jax.train.data import (
     Batches,
     DataError,
     Examples,
-    column,
     encode_labels,
     infer_problem_type,
     label_names,
     pack_blocks,
     read_labels,
-    read_table,
     tokenize_pairs,
 )
+from ettin_jax.train.stream import index_split
+
+
+def labels_of(path):
+    """The label column of a file, as training reads it (`stream.index_split`)."""
+    return index_split(path, text_column="text", label_column="label").labels
 
 
 @pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
-def test_each_format_reads_the_same_table(tmp_path, ext):
+def test_each_format_reads_the_same_rows(tmp_path, ext):
     rows = xor_rows(5, seed=0)
-    table = read_table(write_rows(tmp_path / f"data.{ext}", rows))
-    assert table == {"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]}
+    index = index_split(write_rows(tmp_path / f"data.{ext}", rows), text_column="text", label_column="label")
+    assert index.texts(range(5), "text") == [r["text"] for r in rows]
+    assert index.labels == [r["label"] for r in rows]
 
 
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        read_table(tmp_path / "missing.csv")
+        labels_of(tmp_path / "missing.csv")
     (tmp_path / "empty.csv").write_text("text,label\n")
     with pytest.raises(DataError, match=r"empty\.csv has no rows"):
-        read_table(tmp_path / "empty.csv")
+        labels_of(tmp_path / "empty.csv")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
     with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not JSON"):
-        read_table(tmp_path / "bad.jsonl")
+        labels_of(tmp_path / "bad.jsonl")
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(DataError, match=r"expected a \.csv, \.jsonl or \.parquet"):
-        read_table(tmp_path / "data.txt")
+        labels_of(tmp_path / "data.txt")
 
 
 def test_labels_by_problem_type():
@@ -84,7 +89,7 @@ def test_label_columns_are_typed_in_every_format(tmp_path, ext, problem):
     case = TYPED[problem]
     labels = case["csv"] if ext == "csv" else case["json"]
     path = write_rows(tmp_path / f"data.{ext}", [{"text": f"w{i}", "label": v} for i, v in enumerate(labels)])
-    values = read_labels(column(read_table(path), "label", path), path, "label")
+    values = labels_of(path)
     assert infer_problem_type(values) == problem
     names = label_names(values, problem)
     assert names == case["names"]
@@ -113,21 +118,19 @@ def test_bad_labels_name_the_row(tmp_path, ext, cell, message):
     rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": cell}, {"text": "c", "label": 1.5}]
     path = write_rows(tmp_path / f"data.{ext}", rows)
     with pytest.raises(DataError, match=message):
-        read_labels(column(read_table(path), "label", path), path, "label")
+        labels_of(path)
 
 
 def test_rows_with_missing_fields_are_named(tmp_path):
     (tmp_path / "short.csv").write_text("text,label\na,1\nb\n")
-    table = read_table(tmp_path / "short.csv")
-    with pytest.raises(DataError, match=r"row 2 of .*short\.csv has no value in column 'label'"):
-        column(table, "label", str(tmp_path / "short.csv"))
+    with pytest.raises(DataError, match=r"row 2 of .*short\.csv has no value in column 'label' \(line 3\)"):
+        labels_of(tmp_path / "short.csv")
     (tmp_path / "long.csv").write_text("text,label\na,1\nb,2,3\n")
     with pytest.raises(DataError, match=r"row 2 of .*long\.csv has more cells than the header"):
-        read_table(tmp_path / "long.csv")
+        labels_of(tmp_path / "long.csv")
     (tmp_path / "keys.jsonl").write_text('{"text": "a"}\n{"text": "b", "label": 1}\n')
-    table = read_table(tmp_path / "keys.jsonl")
-    with pytest.raises(DataError, match=r"row 1 of .*keys\.jsonl has no value in column 'label'"):
-        column(table, "label", str(tmp_path / "keys.jsonl"))
+    with pytest.raises(DataError, match=r"row 1 of .*keys\.jsonl has no value in column 'label' \(line 1\)"):
+        labels_of(tmp_path / "keys.jsonl")
 
 
 def test_truncation_keeps_the_start_and_counts():
