@@ -23,6 +23,7 @@ import atexit
 import codecs
 import concurrent.futures
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -78,6 +79,15 @@ class RowIndex:
     def texts(self, rows: Sequence[int], column: str) -> list[str]:
         """The column's texts (a number as its text) of `rows`, checked by the index pass."""
         return [str(self.row(int(i))[column]) for i in rows]
+
+    def fingerprint(self) -> str:
+        """A hash of the bytes the rows are read from (the file itself, or the copy of a Parquet
+        file's or a dataset's used columns): what a resumed run checks its data against."""
+        digest = hashlib.blake2b(digest_size=16)
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        return digest.hexdigest()
 
 
 class _Checks:

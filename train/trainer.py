@@ -3,7 +3,8 @@
 An output directory holds one run:
 
     run.json        the arguments that define the run (a resume must match them)
-    checkpoints/N/  orbax checkpoints: params, optimizer state, step, RNG, data position
+    checkpoints/N/  orbax checkpoints: params, optimizer state, step, RNG, data position, and a
+                    fingerprint of the data (a resume must read the same bytes)
     metrics.jsonl   one JSON object per logging or evaluation step
     metrics.png     loss and metric curves
     final/, best/   the final and the best model in transformers format, with the tokenizer
@@ -159,6 +160,7 @@ class Prepared:
     label_names: tuple[str, ...]
     pad_id: int
     base_model: str | None = None  # what LoRA adapts: --model as given, or the default model's directory
+    data: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # split -> its source and fingerprint
 
 
 def prepare(args: TrainArgs) -> Prepared:
@@ -178,6 +180,7 @@ def prepare(args: TrainArgs) -> Prepared:
 
     tables = _index_data(args)
     paths = {split: t.name for split, t in tables.items()}
+    sources = {split: {"source": t.name, "blake2b": t.fingerprint()} for split, t in tables.items()}
     if args.task == "classify":
         values = {split: t.labels for split, t in tables.items()}
         kind = args.problem_type or data.infer_problem_type(
@@ -216,8 +219,9 @@ def prepare(args: TrainArgs) -> Prepared:
             model = load_pretrained(ModernBertDecoderForCausalLM, directory, dtype=dtype, seed=args.seed, mesh=mesh)
         _with_lora(model, args)
         return Prepared(
-            model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id, args.model or directory
-        )
+            model, tokenizer, examples["train"], examples.get("eval"), "causal_lm", (), pad_id, args.model or directory,
+            sources,
+        )  # fmt: skip
 
     names = _label_set(config, directory, kind, values["train"])
     _check_metric(args, kind, names)
@@ -249,7 +253,7 @@ def prepare(args: TrainArgs) -> Prepared:
     )
     _with_lora(model, args)
     return Prepared(
-        model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id, args.model or directory
+        model, tokenizer, examples["train"], examples.get("eval"), kind, names, pad_id, args.model or directory, sources
     )
 
 
@@ -513,6 +517,7 @@ def _train(
                 "the run is left as it is"
             ) from e
         position, best = restored["trainer"]["position"], restored["trainer"]["best"]
+        _check_same_data(restored["trainer"].get("data", {}), prepared.data, start)
         log.info("resumed from step %d (epoch %d, batch %d)", start, position["epoch"], position["index"])
     elif resuming:
         log.info("--resume: %s has no checkpoint yet; starting from step 0", out)
@@ -523,7 +528,9 @@ def _train(
 
     def save(step: int, evaluated: dict[str, float] | None) -> None:
         # A copy: the loop mutates `position` in place while the save goes on in the background.
-        trainer_state = json.loads(json.dumps({"position": position, "best": best, "step": step}))
+        trainer_state = json.loads(
+            json.dumps({"position": position, "best": best, "step": step, "data": prepared.data})
+        )
         saved = state.checkpoint()
         if platforms.on_cpu():
             # orbax's save() returns once it holds host copies of the arrays and writes them in
@@ -677,6 +684,19 @@ def _train(
             _export(state, prepared, os.path.join(out, "final"))
     manager.close()
     return summary
+
+
+def _check_same_data(saved: dict[str, dict[str, str]], ours: dict[str, dict[str, str]], step: int) -> None:
+    """A resume reads the batches the run would have read only from the same data: each split's
+    bytes must be those checkpoint `step` was trained and evaluated on."""
+    for split, then in saved.items():
+        now = ours.get(split)
+        if now is not None and now["blake2b"] != then["blake2b"]:
+            raise TrainingError(
+                f"the {split} data {now['source']} is not the data checkpoint {step} was made with "
+                f"({then['source']}): its bytes changed since, so a resume would read other batches than the "
+                "run did; restore that data, or start the run again with --overwrite"
+            )
 
 
 def _advance(position: dict[str, int], batches: Batches) -> dict[str, int]:

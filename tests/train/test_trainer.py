@@ -244,6 +244,25 @@ def test_resume_refuses_changed_arguments(word_model, tmp_path, reference):
         train(args)
 
 
+def test_resume_refuses_data_changed_since_the_checkpoint(word_model, tmp_path):
+    """A resume reads the batches the run would have read only from the same data: a training
+    file edited after the checkpoint is refused, by name, the run left as it was; put back, the
+    run resumes."""
+    args = _args(word_model, tmp_path, max_steps=4, save_steps=2, batch_size=4, eval_file=None)
+    with pytest.raises(KeyboardInterrupt):
+        train(args, on_step=_stop_at(3, "crash"))
+    with open(args.train_file, "rb") as f:
+        original = f.read()
+    write_rows(args.train_file, xor_rows(512, seed=5))
+    args.resume = True
+    with pytest.raises(TrainingError, match=r"train data .*train\.csv is not the data checkpoint 2 was made with"):
+        train(args)
+    assert os.listdir(os.path.join(args.output_dir, "checkpoints")) == ["2"]
+    with open(args.train_file, "wb") as f:
+        f.write(original)
+    assert train(args)["step"] == 4
+
+
 def test_output_dir_with_other_files_is_refused(word_model, tmp_path):
     args = _args(word_model, tmp_path, overwrite=True)
     os.makedirs(args.output_dir)
