@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -160,18 +161,31 @@ def test_streams_tokens_from_a_background_thread(causal_pair):
     assert request.first_token_at is not None
 
 
-def test_the_engine_on_a_mesh_equals_one_device(causal_pair):
-    """Slots split over the mesh's batch axes, the model over all three: the same tokens."""
+def test_the_engine_on_a_mesh_equals_one_device(causal_pair, monkeypatch):
+    """Slots split over the mesh's batch axes, the model over all three, the slots' cache
+    resized as the requests grow and end (to 32 and 64 sequence indices): the same tokens, and the
+    slots keep their sharding."""
     from flax import nnx
 
     from ettin_jax import sharding
 
     _, model = causal_pair
+    monkeypatch.setattr(engine_module, "MIN_SPAN", 16)
     copy = nnx.merge(*nnx.split(model))  # its own params, placed on the mesh below
     sharding.shard_model(copy, sharding.make_mesh(data=2, fsdp=2, tensor=2))
-    batch = prompts(6, 30, seed=9)
-    kwargs = dict(max_new_tokens=8, eos_token_id=[5, 9], max_batch_size=4, prefill_chunk=16)
+    batch = prompts(6, 40, seed=9)
+    kwargs = dict(max_new_tokens=14, eos_token_id=[5, 9], max_batch_size=4, prefill_chunk=16)
+    placed, resize = [], Engine._resize
+
+    def record(self, span):
+        resize(self, span)
+        placed.append((self.span, self.slots.cache.layers[0].k.sharding, self.slots.tokens.sharding))
+
+    monkeypatch.setattr(Engine, "_resize", record)
     assert copy.generate_batch(batch, **kwargs) == model.generate_batch(batch, **kwargs)
+    on_mesh = [p for p in placed if isinstance(p[2], jax.sharding.NamedSharding)]
+    assert {span for span, *_ in on_mesh} >= {32, 64}
+    assert all(k.spec[0] is not None and tokens.spec[0] is not None for _, k, tokens in on_mesh)  # rows split
 
 
 def test_logprobs_are_the_models_own_and_do_not_change_the_tokens(causal_pair):
