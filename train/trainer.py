@@ -687,16 +687,21 @@ def _train(
 
 
 def _check_same_data(saved: dict[str, dict[str, str]], ours: dict[str, dict[str, str]], step: int) -> None:
-    """A resume reads the batches the run would have read only from the same data: each split's
-    bytes must be those checkpoint `step` was trained and evaluated on."""
+    """A resume reads the batches the run would have read only from the same training data: its
+    bytes must be those checkpoint `step` was made with. Changed evaluation data only changes
+    the metrics from here on (and so which checkpoint is best): a warning."""
     for split, then in saved.items():
         now = ours.get(split)
-        if now is not None and now["blake2b"] != then["blake2b"]:
-            raise TrainingError(
-                f"the {split} data {now['source']} is not the data checkpoint {step} was made with "
-                f"({then['source']}): its bytes changed since, so a resume would read other batches than the "
-                "run did; restore that data, or start the run again with --overwrite"
-            )
+        if now is None or now["blake2b"] == then["blake2b"]:
+            continue
+        changed = f"the {split} data {now['source']} is not the data checkpoint {step} was made with ({then['source']})"
+        if split != "train":
+            log.warning("%s: its metrics from here on are not comparable with the earlier ones", changed)
+            continue
+        raise TrainingError(
+            f"{changed}: its bytes changed since, so a resume would read other batches than the run did; "
+            "restore that data, or train on the new data in another --output-dir"
+        )
 
 
 def _advance(position: dict[str, int], batches: Batches) -> dict[str, int]:

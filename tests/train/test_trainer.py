@@ -244,11 +244,11 @@ def test_resume_refuses_changed_arguments(word_model, tmp_path, reference):
         train(args)
 
 
-def test_resume_refuses_data_changed_since_the_checkpoint(word_model, tmp_path):
+def test_resume_refuses_data_changed_since_the_checkpoint(word_model, tmp_path, caplog):
     """A resume reads the batches the run would have read only from the same data: a training
     file edited after the checkpoint is refused, by name, the run left as it was; put back, the
-    run resumes."""
-    args = _args(word_model, tmp_path, max_steps=4, save_steps=2, batch_size=4, eval_file=None)
+    run resumes, with a warning for evaluation data that changed."""
+    args = _args(word_model, tmp_path, max_steps=4, save_steps=2, batch_size=4, eval_steps=100)
     with pytest.raises(KeyboardInterrupt):
         train(args, on_step=_stop_at(3, "crash"))
     with open(args.train_file, "rb") as f:
@@ -260,7 +260,10 @@ def test_resume_refuses_data_changed_since_the_checkpoint(word_model, tmp_path):
     assert os.listdir(os.path.join(args.output_dir, "checkpoints")) == ["2"]
     with open(args.train_file, "wb") as f:
         f.write(original)
-    assert train(args)["step"] == 4
+    write_rows(args.eval_file, xor_rows(128, seed=6))  # other evaluation data: a warning only
+    with caplog.at_level(logging.WARNING, logger="ettin_jax.train"):
+        assert train(args)["step"] == 4
+    assert "the eval data" in caplog.text and "not comparable" in caplog.text
 
 
 def test_output_dir_with_other_files_is_refused(word_model, tmp_path):
