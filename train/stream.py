@@ -52,12 +52,16 @@ _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")  # one line, universal n
 class RowIndex:
     """Rows of one split: row i is bytes starts[i]:ends[i] of `path`, a JSON object (kind
     "json") or a CSV record under `header` (kind "csv"). `name` is how messages name the data,
-    `lines` the line of the source file each row starts on (None where it has no lines), and
-    `labels` the label column's values from `data.read_labels` (None without a label column)."""
+    `lines` the line of the source file each row starts on (None where it has no lines),
+    `labels` the label column's values from `data.read_labels` (None without a label column),
+    and `fingerprint` a hash of the bytes the rows are read from (what a resumed run checks its
+    data against)."""
 
     def __init__(self, path: str, name: str, kind: str, starts: Sequence[int], ends: Sequence[int],
-                 lines: Sequence[int] | None, header: list[str] | None = None, labels: list[Any] | None = None):  # fmt: skip
+                 lines: Sequence[int] | None, header: list[str] | None = None, labels: list[Any] | None = None,
+                 fingerprint: str = ""):  # fmt: skip
         self.path, self.name, self.kind, self.header, self.labels = path, name, kind, header, labels
+        self.fingerprint = fingerprint
         self.starts, self.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         self.lines = None if lines is None else np.asarray(lines, np.int32)
         self._local = threading.local()  # one file descriptor per thread
@@ -80,15 +84,6 @@ class RowIndex:
         """The column's texts (a number as its text) of `rows`, checked by the index pass."""
         return [str(self.row(int(i))[column]) for i in rows]
 
-    def fingerprint(self) -> str:
-        """A hash of the bytes the rows are read from (the file itself, or the copy of a Parquet
-        file's or a dataset's used columns): what a resumed run checks its data against."""
-        digest = hashlib.blake2b(digest_size=16)
-        with open(self.path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-        return digest.hexdigest()
-
 
 class _Checks:
     """The checks of the used columns, a row at a time: each is in the file, has a value in
@@ -104,6 +99,7 @@ class _Checks:
         self.values: list[Any] = []
         self.lines = array.array("i")
         self.rows = 0
+        self.digest = hashlib.blake2b(digest_size=16)  # of every byte the index pass reads or copies
 
     def add(self, row: dict[str, Any], line: int | None) -> None:
         self.rows += 1
@@ -166,10 +162,12 @@ def index_split(
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
         starts, ends = _scan_jsonl(path, checks)
-        return RowIndex(path, path, "json", starts, ends, checks.lines, labels=checks.finish())
+        return RowIndex(path, path, "json", starts, ends, checks.lines, labels=checks.finish(),
+                        fingerprint=checks.digest.hexdigest())  # fmt: skip
     if ext == ".csv":
         starts, ends, header = _scan_csv(path, checks)
-        return RowIndex(path, path, "csv", starts, ends, checks.lines, header, labels=checks.finish())
+        return RowIndex(path, path, "csv", starts, ends, checks.lines, header, labels=checks.finish(),
+                        fingerprint=checks.digest.hexdigest())  # fmt: skip
     if ext == ".parquet":
         return _copy_rows(path, _parquet_rows(path, checks), checks)
     raise DataError(f"cannot read {path}: expected a .csv, .jsonl or .parquet file")
@@ -193,6 +191,7 @@ def _scan_jsonl(path: str, checks: _Checks) -> tuple[array.array, array.array]:
     with open(path, "rb") as f:
         at = 0
         for number, raw in enumerate(f, 1):
+            checks.digest.update(raw)
             start, at = at, at + len(raw)
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw, start = raw[3:], start + 3
@@ -219,6 +218,7 @@ def _scan_csv(path: str, checks: _Checks) -> tuple[array.array, array.array, lis
     def lines() -> Iterator[str]:
         with open(path, "rb") as f:
             for raw in f:
+                checks.digest.update(raw)
                 for piece in _LINE.findall(raw):
                     if at[1] == 0 and piece.startswith(codecs.BOM_UTF8):
                         piece = piece[3:]
@@ -321,12 +321,15 @@ def _copy_rows(name: str, rows: Iterator[dict[str, Any]], checks: _Checks) -> Ro
             checks.add(row, None)
             raw = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
             f.write(raw)
+            checks.digest.update(raw)
             starts.append(at)
             at += len(raw)
             ends.append(at)
     if not starts:
         raise DataError(f"data file {name} has no rows")
-    return RowIndex(path, name, "json", starts, ends, None, labels=checks.finish())
+    return RowIndex(
+        path, name, "json", starts, ends, None, labels=checks.finish(), fingerprint=checks.digest.hexdigest()
+    )
 
 
 _SCRATCH: list[str] = []

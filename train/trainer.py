@@ -180,7 +180,7 @@ def prepare(args: TrainArgs) -> Prepared:
 
     tables = _index_data(args)
     paths = {split: t.name for split, t in tables.items()}
-    sources = {split: {"source": t.name, "blake2b": t.fingerprint()} for split, t in tables.items()}
+    sources = {split: {"source": t.name, "blake2b": t.fingerprint} for split, t in tables.items()}
     if args.task == "classify":
         values = {split: t.labels for split, t in tables.items()}
         kind = args.problem_type or data.infer_problem_type(
