@@ -417,8 +417,6 @@ class _Prefilling:
     valid: np.ndarray
     positions: np.ndarray
     cuts: list[int]  # where each chunk starts, then T
-    prompt: np.ndarray  # (1, S) the prompt left-padded to the cache's S slots (a program per S, not per T)
-    prompt_valid: np.ndarray
     done_chunks: int = 0
 
 
@@ -792,11 +790,7 @@ class Engine:
         # As many rows as prompts, bucketed (a program per bucket): a server's slots free up one
         # or two at a time, and a fixed `prefill_batch` rows would mostly prefill filler.
         rows = min(self.prefill_batch, bucket(len(group), 1))
-        ids = np.zeros((rows, width), np.int32)
-        valid = np.zeros((rows, width), bool)
-        for i, request in enumerate(group):
-            ids[i, width - len(request.prompt) :] = request.prompt
-            valid[i, width - len(request.prompt) :] = True
+        ids, valid = _left_padded([r.prompt for r in group], width, rows)
         valid[len(group) :, -1] = True  # filler rows: one token, written nowhere
         params = self._params([*group, *([None] * (rows - len(group)))])
         flags = tuple(any(f) for f in zip(*(r.config.static() for r in group), strict=True))
@@ -815,17 +809,12 @@ class Engine:
         rest = length - (length - 1) // chunk * chunk  # 1 .. chunk tokens before the whole chunks
         lead = bucket(rest, maximum=chunk)
         width = lead + length - rest
-        ids = np.zeros((1, width), np.int32)
-        valid = np.zeros((1, width), bool)
-        ids[0, width - length :] = request.prompt
-        valid[0, width - length :] = True
+        ids, valid = _left_padded([request.prompt], width)
         positions = np.where(valid, np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
         size = min(bucket(width), self.max_length)
         cache = init_cache(self.config, 1, size, self.slots.cache.layers[0].dtype)
         cuts = [0, *range(lead, width + 1, chunk)]
-        prompt, prompt_valid = np.zeros((1, size), np.int32), np.zeros((1, size), bool)
-        prompt[0, size - length :], prompt_valid[0, size - length :] = request.prompt, True
-        self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions, cuts, prompt, prompt_valid)
+        self.prefilling = _Prefilling(request, slot, cache, ids, valid, positions, cuts)
         self._advance_chunked()
 
     def _advance_chunked(self) -> bool:
@@ -838,8 +827,10 @@ class Engine:
                 p.cache = _chunk_program(self.graphdef, self.state, p.cache, ids, valid, positions)
                 p.done_chunks += 1
                 return True
+            # The whole prompt (for its seen tokens) at the cache's size: a program per size, not per width.
+            prompt, prompt_valid = _left_padded([p.request.prompt], max(layer.slots for layer in p.cache.layers))
             new, logprobs = _chunk_finish_program(
-                self.graphdef, self.state, self.kernel, p.cache, p.prompt, p.prompt_valid, ids, valid, positions,
+                self.graphdef, self.state, self.kernel, p.cache, prompt, prompt_valid, ids, valid, positions,
                 self._params([p.request]), flags=p.request.config.static(), top=self._top([p.request]),
             )  # fmt: skip
         self.prefilling = None
@@ -907,6 +898,17 @@ def _entries(logprobs: Logprobs, where: tuple) -> list[tuple[float, list[tuple[i
     top = values.shape[-1]
     rows = zip(chosen.reshape(-1), values.reshape(-1, top), ids.reshape(-1, top), strict=True)
     return [(float(c), list(zip(map(int, i), map(float, v), strict=True))) for c, v, i in rows]
+
+
+def _left_padded(prompts: Sequence[list[int]], width: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`prompts` left-padded with 0 to `width` columns, in `rows` rows (default: one each; the
+    rest all padding): ids (rows, width) int32 and valid (rows, width) bool."""
+    ids = np.zeros((rows or len(prompts), width), np.int32)
+    valid = np.zeros(ids.shape, bool)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = prompt
+        valid[i, width - len(prompt) :] = True
+    return ids, valid
 
 
 def _empty_slots(config, batch: int, length: int, dtype) -> Slots:
