@@ -205,14 +205,13 @@ def prepare(args: TrainArgs) -> Prepared:
         raise TrainingError(f"neither {where} nor its tokenizer sets a pad token id")
     bos, eos = config.bos_token_id, config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    max_length = min(args.max_length, config.max_position_embeddings)
+    length = _row_length(args, config)  # a classifier's --max-length or an LM's --block-size
     dtype = jnp.dtype(args.dtype)
 
     if args.task == "lm":
-        block = min(args.block_size, config.max_position_embeddings)
         examples = {}
         for split, t in tables.items():
-            examples[split] = stream.lm_blocks(t, tokenizer, args.text_column, block, bos, eos)
+            examples[split] = stream.lm_blocks(t, tokenizer, args.text_column, length, bos, eos)
         if scratch:
             model = _new_model(config, dtype, args.seed, mesh)
         else:
@@ -235,7 +234,7 @@ def prepare(args: TrainArgs) -> Prepared:
     for split, t in tables.items():
         labels = data.encode_labels(values[split], kind, names, paths[split], args.label_column, t.lines)
         # --pack refuses a training example longer than a row (PackedBatches) rather than cut it.
-        limit = config.max_position_embeddings if args.pack and split == "train" else max_length
+        limit = config.max_position_embeddings if args.pack and split == "train" else length
         t.labels = None  # encoded: the raw column is no longer needed
         # Tokenized as batches need them; TokenizedRows warns when it truncates a text.
         ids = stream.TokenizedRows(t, tokenizer, args.text_column, args.text_pair_column, limit, bos, split)
